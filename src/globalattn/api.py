@@ -1,0 +1,201 @@
+"""The public functions: validate the arguments, resolve the defaults, dispatch to a backend.
+
+Backends receive arguments that are already checked and resolved (a concrete remainder rule and a
+float scale), so that no backend repeats a check and every refusal reads the same.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from globalattn import spec
+from globalattn.backends import BACKENDS, choose_backend
+
+
+def block_bounds(seq_len: int, block_size: int, *, remainder: str = "merge") -> list[tuple[int, int]]:
+    """Half-open ``(start, end)`` of every block of ``seq_len`` positions.
+
+    >>> block_bounds(16, 5)                      # the seed: the short tail joins the last block
+    [(0, 5), (5, 10), (10, 16)]
+    >>> block_bounds(16, 5, remainder="separate")
+    [(0, 5), (5, 10), (10, 15), (15, 16)]
+    """
+    _check_positive_int("seq_len", seq_len)
+    _check_positive_int("block_size", block_size)
+    _check_choice("remainder", remainder, spec.REMAINDER_RULES)
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def global_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    scope: str = "all",
+    remainder: str | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Global-token attention: each query attends, in one softmax, to the keys of its own block
+    and to the global tokens (the mean key/value of each block).
+
+    Arguments (the layout of ``F.scaled_dot_product_attention``)::
+
+        query     (B, Hq,  L, D)    Hq a multiple of Hkv: query head h reads key/value head
+        key       (B, Hkv, S, D)    h // (Hq // Hkv) (grouped-query attention)
+        value     (B, Hkv, S, Dv)   L <= S: query row i sits at position S - L + i
+        key_mask  (B, S) bool       True at real tokens, False at padding; None = all real
+        block_size                  b >= 1, a Python int
+
+    Who sees what, for S = 12, b = 4 (``#`` local key, ``G`` global token, ``.`` not seen)::
+
+        bidirectional, scope="all"      causal
+              keys        globals             keys        globals
+        q0  ####........  GGG            q0  #...........  ...
+        q5  ....####....  GGG            q5  ....##......  G..
+        q9  ........####  GGG            q9  ........##..  GG.
+
+    ``scope="own"`` (bidirectional only) sees its own block's global token alone.
+    ``remainder``: ``"merge"`` folds a short last block into the one before it (the default when
+    bidirectional); ``"separate"`` keeps it (the default, and the only choice, when causal).
+    A row that may see nothing (all of its keys padded) returns zeros.
+
+    Returns ``out`` (B, Hq, L, Dv), and with ``return_lse=True`` also the natural-log
+    log-sum-exp of every row's scores (B, Hq, L), float32 or better, ``-inf`` for an empty row.
+    ``dropout_p`` drops attention weights (local and global alike) while training.
+    ``backend``: ``"auto"`` (the fastest available), ``"torch"`` (blocked PyTorch, any device),
+    or ``"reference"`` (dense and explicit: the oracle, O(L * S) memory).
+    """
+    args = _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale)
+    _check_unit_interval("dropout_p", dropout_p)
+    _check_bool("return_lse", return_lse)
+    _check_choice("backend", backend, ("auto", *BACKENDS))
+    name = choose_backend(query) if backend == "auto" else backend
+    out, lse = BACKENDS[name](query, key, value, dropout_p=dropout_p, **args)
+    return (out, lse) if return_lse else out
+
+
+def attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    scope: str = "all",
+    remainder: str | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The explicit attention weights of ``global_attention`` (same arguments, no values needed).
+
+    Returns (B, Hq, L, S + G): the S local columns first, then one column per global token.
+    Each row sums to 1 (or is all zeros when the row may see nothing); cells a query may not see
+    are exactly 0.  Dense, for visualisation and explanation, not for long sequences.
+    """
+    from globalattn.backends.reference import reference_weights
+
+    args = _check_attention_args(query, key, None, block_size, causal, scope, remainder, key_mask, scale)
+    return reference_weights(query, key, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every refusal is a ValueError that names the argument and what would be valid.
+
+
+def _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale) -> dict:
+    """Check everything but the backend-specific options; return the resolved options."""
+    tensors = {"query": query, "key": key} if value is None else {"query": query, "key": key, "value": value}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (B, H, seq, head_dim), got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (B, H, seq, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        if t.dtype != query.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but query has {query.dtype}; all must match")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; all must match")
+    batch, q_heads, q_len, head_dim = query.shape
+    _, kv_heads, seq_len, _ = key.shape
+    if key.shape[0] != batch:
+        raise ValueError(f"key has batch size {key.shape[0]} but query has {batch}; they must match")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"key has head_dim {key.shape[3]} but query has {head_dim}; they must match")
+    if value is not None and value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"value must have shape (B, Hkv, S, Dv) = {tuple(key.shape[:3])} + (Dv,) like key, "
+            f"got {tuple(value.shape)}"
+        )
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"query heads ({q_heads}) must be a positive multiple of key/value heads ({kv_heads})")
+    if seq_len == 0:
+        raise ValueError("key must hold at least one position (S >= 1)")
+    if q_len > seq_len:
+        raise ValueError(
+            f"query length L={q_len} exceeds key length S={seq_len}; queries are the last L positions, so L <= S"
+        )
+    _check_positive_int("block_size", block_size)
+    _check_bool("causal", causal)
+    _check_choice("scope", scope, spec.SCOPES)
+    if remainder is not None:
+        _check_choice("remainder", remainder, spec.REMAINDER_RULES)
+    if causal and remainder == "merge":
+        raise ValueError(
+            'remainder="merge" cannot be causal: a position\'s block would depend on the final sequence '
+            'length; use remainder="separate" or None'
+        )
+    if causal and scope == "own":
+        raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be a bool tensor (True = real token), got {_describe(key_mask)}")
+        if tuple(key_mask.shape) != (batch, seq_len):
+            raise ValueError(f"key_mask must have shape (B, S) = {(batch, seq_len)}, got {tuple(key_mask.shape)}")
+        if key_mask.device != query.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but query is on {query.device}; they must match")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {scale!r}")
+    return dict(
+        block_size=int(block_size),
+        causal=causal,
+        scope=scope,
+        remainder=spec.resolve_remainder(causal, remainder),
+        key_mask=key_mask,
+        scale=float(scale),
+    )
+
+
+def _check_positive_int(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+
+
+def _check_bool(name: str, x) -> None:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+
+
+def _check_choice(name: str, x, choices) -> None:
+    if not isinstance(x, str) or x not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {x!r}")
+
+
+def _check_unit_interval(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {x!r}")
+
+
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__

@@ -1,0 +1,115 @@
+"""The contract of SPEC.md in one place: blocks, global tokens, and who sees what.
+
+Every backend builds on these helpers, so that the rules below are written exactly once:
+
+- ``block_starts_and_ends`` and ``block_index`` cut positions ``0 .. S-1`` into blocks
+  (``remainder="merge"`` folds a short tail into the block before it, as the seed does;
+  ``"separate"`` keeps it as its own, shorter block);
+- ``pool_blocks`` averages each block's real tokens into its global token;
+- ``local_visible`` and ``global_visible`` say which local keys and which global tokens a query may
+  attend to.  They work elementwise on broadcastable tensors, so a backend can ask them about a
+  whole score matrix (the reference) or about one tile (the blocked backend).
+"""
+
+from __future__ import annotations
+
+import torch
+
+REMAINDER_RULES = ("merge", "separate")
+SCOPES = ("all", "own")
+
+
+def resolve_remainder(causal: bool, remainder: str | None) -> str:
+    """The remainder rule in force: ``"merge"`` when bidirectional, ``"separate"`` when causal."""
+    if remainder is None:
+        return "separate" if causal else "merge"
+    return remainder
+
+
+def num_blocks(seq_len: int, block_size: int, remainder: str) -> int:
+    """G, the number of blocks (and of global tokens) for ``seq_len`` positions."""
+    if remainder == "merge":
+        return max(1, seq_len // block_size)
+    return -(-seq_len // block_size)
+
+
+def block_starts_and_ends(
+    seq_len: int, block_size: int, remainder: str, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end (exclusive) of every block, two int64 tensors of shape (G,)."""
+    g = num_blocks(seq_len, block_size, remainder)
+    starts = torch.arange(g, device=device) * block_size
+    ends = (starts + block_size).clamp(max=seq_len)
+    ends[-1] = seq_len  # merge: the tail joins the last block; separate: already seq_len
+    return starts, ends
+
+
+def block_index(seq_len: int, block_size: int, remainder: str, device: torch.device | None = None) -> torch.Tensor:
+    """``blk(s)`` for every position s, an int64 tensor of shape (S,)."""
+    g = num_blocks(seq_len, block_size, remainder)
+    return (torch.arange(seq_len, device=device) // block_size).clamp(max=g - 1)
+
+
+def pool_blocks(
+    xs: tuple[torch.Tensor, ...], block_size: int, remainder: str, key_mask: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Global tokens: the mean of each block's real tokens, for each tensor in ``xs``.
+
+    xs: tensors of shape (B, H, S, D) (keys and values: the same blocks, their own head dims);
+    key_mask: (B, S) bool or None.  Returns the means, each (B, H, G, D) in its input's dtype
+    (summed in float32 or better), and ``present`` (B, G) bool: False for a block without a real
+    token, whose mean is zero and must never be attended to.
+    """
+    batch, _, seq_len, _ = xs[0].shape
+    acc_dtype = torch.promote_types(xs[0].dtype, torch.float32)
+    if key_mask is None:
+        weights = torch.ones(batch, seq_len, dtype=acc_dtype, device=xs[0].device)
+    else:
+        weights = key_mask.to(acc_dtype)
+    counts = _block_sums(weights[:, None, :, None], block_size, remainder)[:, 0, :, 0]  # (B, G)
+    inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
+    means = tuple(
+        (_block_sums(x.to(acc_dtype) * weights[:, None, :, None], block_size, remainder) * inverse_counts).to(x.dtype)
+        for x in xs
+    )
+    return means, counts > 0
+
+
+def _block_sums(x: torch.Tensor, block_size: int, remainder: str) -> torch.Tensor:
+    """Sum over each block of dim -2: (B, H, S, D) -> (B, H, G, D), by reshaping, not scattering."""
+    seq_len = x.shape[-2]
+    full = seq_len // block_size
+    sums = x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2)
+    if full * block_size == seq_len:
+        return sums
+    tail = x[..., full * block_size :, :].sum(-2, keepdim=True)
+    if remainder == "separate" or full == 0:
+        return torch.cat([sums, tail], dim=-2)
+    return torch.cat([sums[..., :-1, :], sums[..., -1:, :] + tail], dim=-2)
+
+
+def local_visible(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, query_block: torch.Tensor, key_block: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """May the query at ``query_pos`` (in ``query_block``) attend to the raw key at ``key_pos``?
+
+    Same block; and in causal mode, not after the query.  (Padding is the caller's to apply.)
+    """
+    visible = query_block == key_block
+    if causal:
+        visible = visible & (key_pos <= query_pos)
+    return visible
+
+
+def global_visible(query_block: torch.Tensor, global_block: torch.Tensor, causal: bool, scope: str) -> torch.Tensor:
+    """May a query in ``query_block`` attend to the global token of ``global_block``?
+
+    causal: complete earlier blocks only (the own block's mean holds future tokens);
+    scope "own": the own block's token only (the seed's literal example); scope "all": every block.
+    (Blocks without a real token are the caller's to drop.)
+    """
+    if causal:
+        return global_block < query_block
+    if scope == "own":
+        return global_block == query_block
+    return torch.ones_like(global_block == query_block)
