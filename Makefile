@@ -7,14 +7,16 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.installed-dev: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(VENV) dev
+EXTRAS ?= dev,demo,hf
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) $(EXTRAS)
 	touch $@
 
-setup: $(VENV)/.installed-dev
+setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/globalattn demo
 
 test: setup lint
 	$(PY) -m pytest
