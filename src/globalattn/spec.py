@@ -113,3 +113,21 @@ def global_visible(query_block: torch.Tensor, global_block: torch.Tensor, causal
     if scope == "own":
         return global_block == query_block
     return torch.ones_like(global_block == query_block)
+
+
+def attended_pairs(seq_len: int, block_size: int, *, causal: bool, remainder: str) -> tuple[int, int]:
+    """(local, global) query-key pairs scored for a full sequence (L = S, no padding, scope "all").
+
+    Each pair costs ``4 * head_dim`` multiply-add FLOPs per head forward (a score and a weighted
+    value), the count SPEC.md's "Cost" section uses; dense attention scores S * S pairs (causal:
+    S * (S + 1) / 2).
+    """
+    starts, ends = block_starts_and_ends(seq_len, block_size, remainder)
+    sizes = (ends - starts).tolist()
+    if causal:  # own block up to the query; complete earlier blocks
+        local = sum(n * (n + 1) // 2 for n in sizes)
+        glob = sum(n * j for j, n in enumerate(sizes))
+    else:
+        local = sum(n * n for n in sizes)
+        glob = seq_len * len(sizes)
+    return local, glob

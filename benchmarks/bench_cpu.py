@@ -1,0 +1,183 @@
+"""CPU benchmark: global-token attention (the blocked PyTorch backend) against dense SDPA.
+
+    python benchmarks/bench_cpu.py            # the README's table: S = 1k..32k, memory to 64k
+    python benchmarks/bench_cpu.py --quick    # a smoke run with small sizes
+
+Float32, B=1, H=8, D=64, b=128 by default.  For each sequence length, bidirectional and causal,
+forward and forward+backward: the median time of both, the speed-up, and the useful FLOP rate
+(forward 4 * D * attended pairs per head, backward 2.5x forward, as flash-attention counts).
+Then the extra peak memory of forward+backward, measured in a fresh process per point (peak RSS
+after minus before the call).  A correctness gate runs first: no speed is reported for a wrong
+result.  A baseline that cannot run (too long) records nan.  Writes benchmarks/results/cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from globalattn import global_attention, spec
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--memory-seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--dense-max", type=int, default=32768, help="longest S to time dense SDPA at")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu.json")
+    parser.add_argument("--measure-memory", nargs=4, metavar=("IMPL", "S", "CAUSAL", "PASS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_memory:
+        impl, seq, causal, which = args.measure_memory
+        print(json.dumps(_extra_peak_bytes(args, impl, int(seq), causal == "1", which)))
+        return
+    if args.quick:
+        args.seq, args.memory_seq, args.dense_max = [512, 1024, 2048], [2048, 4096], 2048
+
+    torch.manual_seed(0)
+    _correctness_gate(args)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"machine: {machine}; torch threads: {torch.get_num_threads()}\n")
+
+    timings = []
+    header = f"{'S':>6} {'mode':>7} {'pass':>8} | {'global ms':>10} {'dense ms':>10} {'speed-up':>8} | {'GFLOP/s':>7}"
+    print(header + "\n" + "-" * len(header))
+    for seq in args.seq:
+        for causal in (False, True):
+            for which in ("fwd", "fwd+bwd"):
+                row = _time_point(args, seq, causal, which)
+                timings.append(row)
+                print(
+                    f"{seq:>6} {'causal' if causal else 'bidir':>7} {which:>8} | {row['global_ms']:>10.1f} "
+                    f"{row['dense_ms']:>10.1f} {row['speedup']:>7.1f}x | {row['global_gflops']:>7.1f}"
+                )
+
+    memory = []
+    print(f"\n{'S':>6} {'impl':>7} | {'extra peak MB (fwd+bwd, bidir)':>31} {'MB per 1k tokens':>17}")
+    for seq in args.memory_seq:
+        for impl in ("global", "dense"):
+            if impl == "dense" and seq > args.dense_max:
+                continue
+            extra = _measure_in_subprocess(args, impl, seq)
+            memory.append({"seq": seq, "impl": impl, "extra_peak_bytes": extra})
+            print(f"{seq:>6} {impl:>7} | {extra / 2**20:>31.1f} {extra / 2**20 / (seq / 1024):>17.2f}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in ("heads", "head_dim", "block_size")}
+    report = {"machine": machine, "dtype": "float32", "batch": 1, **config, "timings": timings, "memory": memory}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def _inputs(args, seq, requires_grad):
+    shape = (1, args.heads, seq, args.head_dim)
+    return [torch.randn(shape, requires_grad=requires_grad) for _ in range(3)]
+
+
+def _run(impl, args, q, k, v, causal, grad_out=None):
+    if impl == "global":
+        out = global_attention(q, k, v, args.block_size, causal=causal, backend="torch")
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if grad_out is not None:
+        out.backward(grad_out)
+    return out
+
+
+def _correctness_gate(args) -> None:
+    """Blocked against the dense reference backend, forward and backward, before any timing."""
+    seq = 1000  # not a multiple of the block size on purpose
+    for causal in (False, True):
+        q, k, v = _inputs(args, seq, requires_grad=True)
+        grad_out = torch.randn_like(q)
+        results = []
+        for backend in ("torch", "reference"):
+            out = global_attention(q, k, v, args.block_size, causal=causal, backend=backend)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+        errors = [(a - b).abs().max().item() for a, b in zip(*results)]
+        if max(errors) > 1e-4:
+            sys.exit(f"correctness gate failed (causal={causal}): max errors out/dq/dk/dv = {errors}")
+    print("correctness gate: blocked == reference (forward and backward, bidirectional and causal)")
+
+
+def _time_point(args, seq, causal, which) -> dict:
+    q, k, v = _inputs(args, seq, requires_grad=which == "fwd+bwd")
+    grad_out = torch.randn_like(q) if which == "fwd+bwd" else None
+    local, glob = spec.attended_pairs(seq, args.block_size, causal=causal, remainder="separate" if causal else "merge")
+    factor = 3.5 if which == "fwd+bwd" else 1.0  # backward = 2.5x forward
+    flops = 4 * args.heads * args.head_dim * (local + glob) * factor
+    global_s = _median_seconds(lambda: _run("global", args, q, k, v, causal, grad_out))
+    dense_s = math.nan
+    if seq <= args.dense_max:
+        dense_s = _median_seconds(lambda: _run("dense", args, q, k, v, causal, grad_out))
+    return {
+        "seq": seq,
+        "causal": causal,
+        "pass": which,
+        "global_ms": global_s * 1e3,
+        "dense_ms": dense_s * 1e3,
+        "speedup": dense_s / global_s,
+        "useful_flops": flops,
+        "global_gflops": flops / global_s / 1e9,
+    }
+
+
+def _median_seconds(fn, budget_s: float = 2.0, max_reps: int = 7) -> float:
+    """Median over repetitions after one warm-up; fewer repetitions for long calls."""
+    start = time.perf_counter()
+    with torch.inference_mode(False):
+        fn()
+    first = time.perf_counter() - start
+    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_in_subprocess(args, impl, seq) -> int:
+    command = [sys.executable, __file__, "--measure-memory", impl, str(seq), "0", "fwd+bwd"]
+    command += ["--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block-size", str(args.block_size)]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def _extra_peak_bytes(args, impl, seq, causal, which) -> int:
+    """Peak RSS growth of one call, in this fresh process (inputs and warm-up excluded; Linux)."""
+    small = _inputs(args, 256, requires_grad=True)
+    _run(impl, args, *small, causal, torch.randn_like(small[0]))  # load kernels, allocator pools
+    q, k, v = _inputs(args, seq, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _proc_status_kib("VmRSS")
+    _run(impl, args, q, k, v, causal, grad_out if which == "fwd+bwd" else None)
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
+if __name__ == "__main__":
+    main()
