@@ -41,6 +41,7 @@ def global_attention(
     remainder: str | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    top_blocks: int = 0,
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
@@ -65,6 +66,9 @@ def global_attention(
         q9  ........####  GGG            q9  ........##..  GG.
 
     ``scope="own"`` (bidirectional only) sees its own block's global token alone.
+    ``top_blocks=k`` (default 0, off) also lets each query attend to every real token of the k
+    blocks (other than its own) whose global tokens score highest for it, in the same softmax: the
+    global tokens say where to look, and the query then reads the exact tokens there.
     ``remainder``: ``"merge"`` folds a short last block into the one before it (the default when
     bidirectional); ``"separate"`` keeps it (the default, and the only choice, when causal).
     A row that may see nothing (all of its keys padded) returns zeros.
@@ -75,7 +79,7 @@ def global_attention(
     ``backend``: ``"auto"`` (the fastest available), ``"torch"`` (blocked PyTorch, any device),
     or ``"reference"`` (dense and explicit: the oracle, O(L * S) memory).
     """
-    args = _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale)
+    args = _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     _check_unit_interval("dropout_p", dropout_p)
     _check_bool("return_lse", return_lse)
     _check_choice("backend", backend, ("auto", *BACKENDS))
@@ -94,16 +98,18 @@ def attention_weights(
     remainder: str | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    top_blocks: int = 0,
 ) -> torch.Tensor:
     """The explicit attention weights of ``global_attention`` (same arguments, no values needed).
 
-    Returns (B, Hq, L, S + G): the S local columns first, then one column per global token.
+    Returns (B, Hq, L, S + G): the S key columns first (the own block's keys, and with
+    ``top_blocks`` the routed blocks' keys), then one column per global token.
     Each row sums to 1 (or is all zeros when the row may see nothing); cells a query may not see
     are exactly 0.  Dense, for visualisation and explanation, not for long sequences.
     """
     from globalattn.backends.reference import reference_weights
 
-    args = _check_attention_args(query, key, None, block_size, causal, scope, remainder, key_mask, scale)
+    args = _check_attention_args(query, key, None, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     return reference_weights(query, key, **args)
 
 
@@ -111,7 +117,7 @@ def attention_weights(
 # Validation: every refusal is a ValueError that names the argument and what would be valid.
 
 
-def _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale) -> dict:
+def _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks) -> dict:
     """Check everything but the backend-specific options; return the resolved options."""
     tensors = {"query": query, "key": key} if value is None else {"query": query, "key": key, "value": value}
     for name, t in tensors.items():
@@ -167,6 +173,8 @@ def _check_attention_args(query, key, value, block_size, causal, scope, remainde
         scale = 1.0 / math.sqrt(head_dim)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {scale!r}")
+    if isinstance(top_blocks, bool) or not isinstance(top_blocks, numbers.Integral) or top_blocks < 0:
+        raise ValueError(f"top_blocks must be a non-negative int (0 = no routing), got {top_blocks!r}")
     return dict(
         block_size=int(block_size),
         causal=causal,
@@ -174,6 +182,7 @@ def _check_attention_args(query, key, value, block_size, causal, scope, remainde
         remainder=spec.resolve_remainder(causal, remainder),
         key_mask=key_mask,
         scale=float(scale),
+        top_blocks=int(top_blocks),
     )
 
 

@@ -131,3 +131,19 @@ def attended_pairs(seq_len: int, block_size: int, *, causal: bool, remainder: st
         local = sum(n * n for n in sizes)
         glob = seq_len * len(sizes)
     return local, glob
+
+
+def select_top_blocks(
+    global_scores: torch.Tensor, candidate: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing (SPEC's ``top_blocks``): each query's k candidate blocks with the highest score.
+
+    global_scores (..., G) the query's scores against the global tokens; candidate (..., G) bool,
+    broadcastable: the global tokens it may see, its own block excluded.  Ties go to the lower
+    block; a query with fewer than k candidates gets all of them.  The choice carries no gradient.
+    Returns ``blocks`` (..., min(k, G)) int64 and ``chosen`` (..., min(k, G)) bool (False where
+    the slot holds no candidate).
+    """
+    ranked = global_scores.detach().masked_fill(~candidate, float("-inf"))
+    blocks = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]  # stable: ties to lower j
+    return blocks, candidate.expand_as(ranked).gather(-1, blocks)

@@ -32,12 +32,27 @@ CHUNK_ELEMENTS = 1 << 20
 MIN_CAUSAL_PART = 32
 
 
-def blocked_attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, dropout_p):
+def blocked_attention(
+    query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p
+):
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
     seed = int(torch.randint(2**62, (1,)).item()) if dropout_p > 0 else 0
-    chunks = _plan_chunks(query, key, block_size, remainder, causal, scope)
-    query_offset = key.shape[2] - query.shape[2]
-    options = _Options(causal, scope, scale, dropout_p, seed, query_offset, key_mask, present, chunks)
+    chunks = _plan_chunks(query, key, value, block_size, remainder, causal, scope, top_blocks)
+    starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder, query.device)
+    options = _Options(
+        causal=causal,
+        scope=scope,
+        scale=scale,
+        top_blocks=top_blocks,
+        dropout_p=dropout_p,
+        seed=seed,
+        query_offset=key.shape[2] - query.shape[2],
+        key_mask=key_mask,
+        present=present,
+        block_starts=starts,
+        block_ends=ends,
+        chunks=chunks,
+    )
     return _BlockedAttention.apply(query, key, value, key_global, value_global, options)
 
 
@@ -64,15 +79,18 @@ class _Options:
     causal: bool
     scope: str
     scale: float
+    top_blocks: int
     dropout_p: float
     seed: int  # dropout: chunk i draws from seed + i, in forward and again in backward
     query_offset: int  # query row i sits at position query_offset + i
     key_mask: torch.Tensor | None  # (B, S) bool
     present: torch.Tensor  # (B, G) bool: block has a real token
+    block_starts: torch.Tensor  # (G,) first position of each block
+    block_ends: torch.Tensor  # (G,) one past its last position
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, block_size, remainder, causal, scope) -> list[_Chunk]:
+def _plan_chunks(query, key, value, block_size, remainder, causal, scope, top_blocks) -> list[_Chunk]:
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     if q_len == 0:
@@ -82,6 +100,10 @@ def _plan_chunks(query, key, block_size, remainder, causal, scope) -> list[_Chun
     offset = seq_len - q_len  # query row i sits at position offset + i
     parts = max(1, min(4, block_size // MIN_CAUSAL_PART)) if causal else 1
     part_len = -(-block_size // parts)
+    # Per query row: scores against the global tokens and, when routing, the routed keys' scores
+    # plus their gathered keys and values.
+    routed = min(top_blocks, num_global) * int((ends - starts).max())
+    per_row = num_global + routed * (1 + key.shape[-1] + value.shape[-1])
 
     chunks = []
     for part in range(parts):
@@ -93,7 +115,7 @@ def _plan_chunks(query, key, block_size, remainder, causal, scope) -> list[_Chun
         if blocks.numel() == 0:
             continue
         rows, cols = int((q_end - q_start)[blocks].max()), int((k_end - starts)[blocks].max())
-        per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * rows * (cols + num_global)))
+        per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * rows * (cols + per_row)))
         for tile_blocks in blocks.split(per_chunk):
             chunks.append(
                 _make_chunk(
@@ -194,19 +216,18 @@ class _BlockedAttention(torch.autograd.Function):
                 keep = tiles.dropout_scale(probs.shape)
                 d_scores.mul_(keep)
                 weights = probs * keep
-            d_value_local, d_value_global = tiles.value_grads(weights, d_out)
+            tiles.add_value_grads(weights, d_out, grad_value, grad_value_global)
             d_scores.sub_(delta).mul_(probs)
-            d_query_rows, d_key_local, d_key_global = tiles.score_input_grads(d_scores)
-            tiles.write_rows(grad_query, d_query_rows)
-            tiles.add_keys(grad_key, d_key_local)
-            tiles.add_keys(grad_value, d_value_local)
-            grad_key_global[:, :, chunk.global_cols] += d_key_global
-            grad_value_global[:, :, chunk.global_cols] += d_value_global
+            tiles.write_rows(grad_query, tiles.add_key_grads(d_scores, grad_key, grad_key_global))
         return (*(g.to(x.dtype) for g, x in zip(grads, ctx.saved_tensors)), None)
 
 
 class _ChunkTiles:
-    """One chunk's inputs gathered into padded tiles, in the compute dtype, and the tile math."""
+    """One chunk's inputs gathered into padded tiles, in the compute dtype, and the tile math.
+
+    Score columns of a row: [its tile's keys (Km) | the global tokens (Gv) | with ``top_blocks``,
+    the keys of its routed blocks (R = k * the longest block)].
+    """
 
     def __init__(self, chunk: _Chunk, options: _Options, query, key, value, key_global, value_global):
         self.chunk, self.options = chunk, options
@@ -222,6 +243,10 @@ class _ChunkTiles:
         self.value = self._gather_keys(value)  # (B, Hkv, n, Km, Dv)
         self.key_global = key_global[:, :, chunk.global_cols].to(self.dtype)  # (B, Hkv, Gv, D)
         self.value_global = value_global[:, :, chunk.global_cols].to(self.dtype)  # (B, Hkv, Gv, Dv)
+        self.global_scores = self._rows_times(self.key_global.transpose(-1, -2))  # (B, Hkv, n, g*Qm, Gv)
+        self.g_width = self.key_global.shape[2]
+        if options.top_blocks:
+            self._route(key, value)
 
     # -- layout -------------------------------------------------------------------------------
     def gather_rows(self, x):
@@ -246,13 +271,17 @@ class _ChunkTiles:
         keys = x[:, :, span] if span else x.index_select(2, self.chunk.key_pos.flatten())
         return keys.to(self.dtype).view(self.batch, self.kv_heads, self.n, self.k_width, -1)
 
-    def add_keys(self, target, keys):
+    def _add_keys(self, target, keys):
         """target[:, :, pos] += the real keys of ``keys`` (B, Hkv, n, Km, E), target (B, Hkv, S, E)."""
         keys = keys.flatten(2, 3)
         if self.chunk.key_span:
             target[:, :, self.chunk.key_span] += keys
         else:
             target.index_add_(2, self.chunk.real_keys, keys[:, :, self.chunk.key_real.flatten()])
+
+    def _rows_times(self, matrix):
+        """All rows of the chunk (B, Hkv, n, g*Qm, E) times a (B, Hkv, E, F) matrix, as one matmul."""
+        return (self.scaled_query.flatten(2, 3) @ matrix).unflatten(2, (self.n, -1))
 
     def zero_padding_rows_(self, x):
         """Set the rows of padding slots of x (B, Hkv, n, g*Qm, E) to zero, in place."""
@@ -261,15 +290,13 @@ class _ChunkTiles:
             tile.mul_(self.chunk.query_real[:, None, :, None])  # (n, 1, Qm, 1)
 
     def _split(self, x):
-        """Columns [local keys | global tokens] of a (..., Km + Gv) tile."""
-        return x[..., : self.k_width], x[..., self.k_width :]
+        """Columns [local keys | global tokens | routed keys] of a score-shaped tile."""
+        routed_start = self.k_width + self.g_width
+        return x[..., : self.k_width], x[..., self.k_width : routed_start], x[..., routed_start:]
 
-    def _hide_unseen_(self, local, glob):
-        """Set to -inf, in place, the scores of cells a query may not see (SPEC's table).
-
-        local (B, Hkv, n, g*Qm, Km), glob (B, Hkv, n, g*Qm, Gv).  The masks stay small and broadcast:
-        local cells depend on (tile, row, key), global ones on (tile, global token) alone.
-        """
+    # -- who sees what ------------------------------------------------------------------------
+    def _local_seen(self):
+        """(B or 1, n, Qm, Km): the tile's keys each query may see."""
         chunk, options = self.chunk, self.options
         query_pos = (chunk.query_rows + options.query_offset)[:, :, None]  # (n, Qm, 1)
         block = chunk.blocks[:, None, None]  # (n, 1, 1)
@@ -277,29 +304,72 @@ class _ChunkTiles:
         seen = (seen & chunk.key_real[:, None, :])[None]  # (1, n, Qm, Km)
         if options.key_mask is not None:
             seen = seen & options.key_mask[:, chunk.key_pos][:, :, None, :]  # (B, n, Qm, Km)
-        self._fill_unseen_(local, seen)
-        global_block = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols]
-        seen = spec.global_visible(block[:, 0], global_block[None], options.causal, options.scope)  # (n, Gv)
-        self._fill_unseen_(glob, (seen[None] & options.present[:, None, chunk.global_cols])[:, :, None, :])
+        return seen
 
-    def _fill_unseen_(self, scores, seen):
-        """scores (B, Hkv, n, g*Qm, C), seen (B or 1, n, Qm or 1, C): -inf where not seen."""
+    def _global_seen(self, exclude_own=False):
+        """(B, n, 1, Gv): the global tokens each tile's queries may see (routing: not their own)."""
+        chunk, options = self.chunk, self.options
+        block = chunk.blocks[:, None]  # (n, 1)
+        global_block = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols][None]
+        seen = spec.global_visible(block, global_block, options.causal, options.scope)  # (n, Gv)
+        if exclude_own:
+            seen = seen & (global_block != block)
+        return (seen[None] & options.present[:, None, chunk.global_cols])[:, :, None, :]
+
+    def _hide_unseen_(self, scores, seen):
+        """-inf, in place, where a row may not look: scores (B, Hkv, n, g*Qm, C), seen (B|1, n, Qm|1, C)."""
         if not bool(seen.all()):
             tile = scores.view(*scores.shape[:3], self.group, self.q_width, scores.shape[-1])
             tile.masked_fill_(~seen[:, None, :, None], float("-inf"))
 
+    def _route(self, key, value):
+        """Each row's top blocks (SPEC's ``top_blocks``), their keys and values gathered per row."""
+        options = self.options
+        candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B, 1, n, 1, 1, Gv)
+        scores = self.global_scores.view(*self.global_scores.shape[:3], self.group, self.q_width, -1)
+        blocks, chosen = spec.select_top_blocks(scores, candidate, options.top_blocks)  # (B, Hkv, n, g, Qm, k)
+        blocks = blocks.flatten(2, 4) + self.chunk.global_cols.start  # (B, Hkv, rows, k)
+        chosen = chosen.flatten(2, 4)
+        longest = int((options.block_ends - options.block_starts).max())
+        pos = options.block_starts[blocks][..., None] + torch.arange(longest, device=blocks.device)
+        seen = chosen[..., None] & (pos < options.block_ends[blocks][..., None])  # (B, Hkv, rows, k, longest)
+        pos = torch.where(seen, pos, 0).flatten(-2)  # (B, Hkv, rows, R)
+        seen = seen.flatten(-2)
+        if options.key_mask is not None:
+            seen = seen & options.key_mask.gather(1, pos.flatten(1)).view(seen.shape)
+        self.routed_pos, self.routed_seen = pos, seen
+        self.routed_key = self._gather_routed(key)  # (B, Hkv, rows, R, D)
+        self.routed_value = self._gather_routed(value)  # (B, Hkv, rows, R, Dv)
+
+    def _gather_routed(self, x):
+        index = self.routed_pos.flatten(2)[..., None].expand(-1, -1, -1, x.shape[-1])
+        return x.gather(2, index).to(self.dtype).view(*self.routed_pos.shape, -1)
+
+    def _scatter_routed(self, target, per_key):
+        """target (B, Hkv, S, E) += per_key (B, Hkv, rows, R, E) at the routed key positions."""
+        index = self.routed_pos.flatten(2)[..., None].expand(-1, -1, -1, per_key.shape[-1])
+        target.scatter_add_(2, index, per_key.flatten(2, 3))
+
+    def _per_row(self, rows, per_key):
+        """Row-wise products with the routed keys: rows (B, Hkv, n, g*Qm, E) . per_key (..., R, E)."""
+        return (rows.flatten(2, 3)[..., None, :] @ per_key.transpose(-1, -2))[..., 0, :].unflatten(2, (self.n, -1))
+
     # -- math ---------------------------------------------------------------------------------
     def probabilities(self, lse=None):
-        """Softmax weights over [local ; global] (B, Hkv, n, g*Qm, Km + Gv), and each row's lse.
+        """Softmax weights over every column (B, Hkv, n, g*Qm, C), and each row's lse.
 
         Given ``lse`` (backward), the weights are recomputed from it instead of renormalised.
         The score tile is large: every step below works on it in place.
         """
-        query = self.scaled_query
-        local = query @ self.key.transpose(-1, -2)
-        glob = (query.flatten(2, 3) @ self.key_global.transpose(-1, -2)).unflatten(2, (self.n, -1))
-        self._hide_unseen_(local, glob)
-        scores = torch.cat([local, glob], dim=-1)
+        local = self.scaled_query @ self.key.transpose(-1, -2)  # (B, Hkv, n, g*Qm, Km)
+        self._hide_unseen_(local, self._local_seen())
+        glob = self.global_scores  # masked in place: routing, the only other reader, ran in __init__
+        self._hide_unseen_(glob, self._global_seen())
+        parts = [local, glob]
+        if self.options.top_blocks:
+            routed = self._per_row(self.scaled_query, self.routed_key)  # (B, Hkv, n, g*Qm, R)
+            parts.append(routed.masked_fill_(~self.routed_seen.unflatten(2, (self.n, -1)), float("-inf")))
+        scores = torch.cat(parts, dim=-1)
         if lse is not None:
             return scores.sub_(_finite_or_zero(lse)[..., None]).exp_(), None
         row_max = _finite_or_zero(scores.amax(-1, keepdim=True))
@@ -317,28 +387,40 @@ class _ChunkTiles:
         return (draw < keep).to(self.dtype).div_(keep)
 
     def weighted_values(self, weights):
-        local, glob = self._split(weights)
-        return local @ self.value + (glob.flatten(2, 3) @ self.value_global).unflatten(2, (self.n, -1))
+        local, glob, routed = self._split(weights)
+        out = local @ self.value + (glob.flatten(2, 3) @ self.value_global).unflatten(2, (self.n, -1))
+        if self.options.top_blocks:
+            out += (routed.flatten(2, 3)[..., None, :] @ self.routed_value)[..., 0, :].unflatten(2, (self.n, -1))
+        return out
 
     def value_products(self, d_out):
-        """dO [V ; Vg]^T for every tile cell: (B, Hkv, n, g*Qm, Km + Gv)."""
+        """dO times every column's value: (B, Hkv, n, g*Qm, C)."""
         glob = (d_out.flatten(2, 3) @ self.value_global.transpose(-1, -2)).unflatten(2, (self.n, -1))
-        return torch.cat([d_out @ self.value.transpose(-1, -2), glob], dim=-1)
+        parts = [d_out @ self.value.transpose(-1, -2), glob]
+        if self.options.top_blocks:
+            parts.append(self._per_row(d_out, self.routed_value))
+        return torch.cat(parts, dim=-1)
 
-    def score_input_grads(self, d_scores):
-        """Gradients through scores = (scale Q) [K ; Kg]^T: dQ rows, dK per block tile, dKg of the columns."""
-        local, glob = self._split(d_scores)
+    def add_key_grads(self, d_scores, grad_key, grad_key_global):
+        """Backward through scores = (scale Q) [K ; Kg ; routed K]^T: adds dK and dKg; returns dQ rows."""
+        local, glob, routed = self._split(d_scores)
         glob_flat = glob.flatten(2, 3)
         d_query = local @ self.key + (glob_flat @ self.key_global).unflatten(2, (self.n, -1))
-        d_key = local.transpose(-1, -2) @ self.scaled_query
-        d_key_global = glob_flat.transpose(-1, -2) @ self.scaled_query.flatten(2, 3)
-        return d_query.mul_(self.options.scale), d_key, d_key_global
+        self._add_keys(grad_key, local.transpose(-1, -2) @ self.scaled_query)
+        grad_key_global[:, :, self.chunk.global_cols] += glob_flat.transpose(-1, -2) @ self.scaled_query.flatten(2, 3)
+        if self.options.top_blocks:
+            routed = routed.flatten(2, 3)[..., None]  # (B, Hkv, rows, R, 1)
+            d_query += (routed.transpose(-1, -2) @ self.routed_key)[..., 0, :].unflatten(2, (self.n, -1))
+            self._scatter_routed(grad_key, routed * self.scaled_query.flatten(2, 3)[..., None, :])
+        return d_query.mul_(self.options.scale)
 
-    def value_grads(self, weights, d_out):
-        local, glob = self._split(weights)
-        d_value = local.transpose(-1, -2) @ d_out
-        d_value_global = glob.flatten(2, 3).transpose(-1, -2) @ d_out.flatten(2, 3)
-        return d_value, d_value_global
+    def add_value_grads(self, weights, d_out, grad_value, grad_value_global):
+        """Backward through out = weights [V ; Vg ; routed V]: adds dV and dVg."""
+        local, glob, routed = self._split(weights)
+        self._add_keys(grad_value, local.transpose(-1, -2) @ d_out)
+        grad_value_global[:, :, self.chunk.global_cols] += glob.flatten(2, 3).transpose(-1, -2) @ d_out.flatten(2, 3)
+        if self.options.top_blocks:
+            self._scatter_routed(grad_value, routed.flatten(2, 3)[..., None] * d_out.flatten(2, 3)[..., None, :])
 
 
 def _finite_or_zero(x):

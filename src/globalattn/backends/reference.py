@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from globalattn import spec
 
 
-def reference_weights(query, key, *, block_size, causal, scope, remainder, key_mask, scale) -> torch.Tensor:
-    """Attention weights (B, Hq, L, S + G), local columns first; rows that see nothing are zero."""
-    weights, _ = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale)
+def reference_weights(query, key, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks):
+    """Attention weights (B, Hq, L, S + G), key columns first; rows that see nothing are zero."""
+    weights, _ = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     return weights.to(query.dtype)
 
 
-def reference_attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, dropout_p):
-    weights, lse = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale)
+def reference_attention(
+    query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p
+):
+    weights, lse = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     (value_global,), _ = spec.pool_blocks((value,), block_size, remainder, key_mask)
@@ -28,7 +30,7 @@ def reference_attention(query, key, value, *, block_size, causal, scope, remaind
     return (weights @ values).to(query.dtype), lse
 
 
-def _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale):
+def _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks):
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
@@ -47,6 +49,13 @@ def _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask,
     real = torch.ones(batch, seq_len, dtype=torch.bool, device=device) if key_mask is None else key_mask
     allowed = torch.cat([local, glob], -1)[None] & torch.cat([real, present], -1)[:, None]  # (B, L, S + G)
     allowed = allowed[:, None]  # (B, 1, L, S + G), shared by all heads
+    if top_blocks:
+        # Routing: each query (and head) also sees the real keys of its top-scoring other blocks.
+        candidate = allowed[..., seq_len:] & (global_block != query_block[:, None])  # (B, 1, L, G)
+        blocks, chosen = spec.select_top_blocks(scores[..., seq_len:], candidate, top_blocks)  # (B, Hq, L, k)
+        routed = torch.zeros_like(scores[..., seq_len:], dtype=torch.bool).scatter_(-1, blocks, chosen)
+        routed_keys = routed[..., key_block] & real[:, None, None, :]  # (B, Hq, L, S)
+        allowed = allowed | torch.cat([routed_keys, torch.zeros_like(routed)], dim=-1)  # (B, Hq, L, S + G)
 
     # A row that may see nothing gets all-zero weights and zero gradients, never NaN: its scores are
     # replaced by zeros before the softmax and its weights multiplied by 0 after.
