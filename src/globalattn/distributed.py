@@ -1,0 +1,377 @@
+"""Context parallelism: one sequence split along its length across the ranks of a process group.
+
+Each rank holds a contiguous run of whole blocks (its *shard*).  Local attention never leaves a
+block, so it needs no communication; what crosses ranks is the global tokens alone: every rank
+pools its blocks and all-gathers them, G x (D + Dv) per key/value head in all, where ring attention
+must pass every rank's S/P x (D + Dv) keys and values round the ring.
+
+A rank's output is the log-sum-exp merge of two softmaxes over disjoint sets:
+
+- ``global_attention`` on the shard: local keys and the shard's own global tokens, with the core's
+  rules (causal, scope) applied to the blocks inside the shard;
+- its queries over the other ranks' global tokens: all of them (bidirectional), those of earlier
+  ranks (causal: their blocks are complete and precede every query of the shard), none
+  (``scope="own"``, which therefore needs no communication at all).
+
+The all-gather's backward is a reduce-scatter: each pooled token's gradient, summed over the
+queries of every rank, returns to the rank that owns it.  Every rank must therefore call forward
+and run backward through its output, as with any collective inside autograd.
+
+    # torchrun --nproc-per-node=4 train.py            (gloo on CPUs, NCCL on GPUs)
+    dist.init_process_group()
+    q, k, v = (shard_sequence(x, block_size, dim=2) for x in (query, key, value))
+    out = context_parallel_attention(q, k, v, block_size)   # == this rank's slice of global_attention
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from globalattn import spec
+from globalattn.api import global_attention
+from globalattn.backends.blocked import CHUNK_ELEMENTS
+
+# torch 2.13 renamed the single-tensor collectives (the old names now warn); older torch has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def context_parallel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    *,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    scope: str = "all",
+    remainder: str | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """``global_attention`` over a sequence sharded across the ranks of ``group`` (default: world).
+
+    Every rank passes its shard; ranks hold consecutive shards in rank order::
+
+        query     (B, Hq,  n, D)    n = this rank's shard length, the same for query and key
+        key       (B, Hkv, n, D)
+        value     (B, Hkv, n, Dv)
+        key_mask  (B, n) bool       this rank's slice of the (B, S) mask, or None
+
+    A shard is a whole number of blocks: every shard but the last has a multiple of ``block_size``
+    positions; the last may end with the remainder (a longer merged block, or a short separate one).
+    ``shard_sequence`` cuts tensors this way.  An empty shard, or one cut inside a block, is refused
+    with a ValueError on every rank.  The other arguments are those of ``global_attention``.
+
+    Returns (B, Hq, n, Dv): this rank's slice of ``global_attention`` on the whole sequence, with the
+    gradients of the whole-sequence computation flowing back to every rank's inputs.
+    """
+    _check_shard(query, key)
+    lengths = _shard_lengths(key, group)
+    # Validates every other argument, the same way on every rank: they all pass the same options.
+    options = dict(causal=causal, scope=scope, remainder=remainder, key_mask=key_mask, scale=scale, dropout_p=dropout_p)
+    out, lse = global_attention(query, key, value, block_size, return_lse=True, **options)
+    remainder = spec.resolve_remainder(causal, remainder)
+    _check_whole_blocks(lengths, block_size, remainder)
+    if scope == "own" or len(lengths) == 1:
+        return out  # no other rank's global token is visible
+    key_tokens, value_tokens, present = _gather_visible_global_tokens(
+        key, value, key_mask, block_size, remainder, lengths, causal, group
+    )
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out_others, lse_others = _attend_to_tokens(query, key_tokens, value_tokens, present, scale, dropout_p)
+    return _merge_softmaxes(out, lse, out_others, lse_others).to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+
+
+def shard_range(
+    seq_len: int, block_size: int, rank: int, world_size: int, *, causal: bool = False, remainder: str | None = None
+) -> range:
+    """The positions that ``rank`` of ``world_size`` holds: a contiguous run of whole blocks.
+
+    The G blocks are shared out as evenly as possible, later ranks taking the extra ones; the last
+    rank's shard ends with the remainder of ``remainder`` (resolved as in ``global_attention``).
+    ``torch.arange(r.start, r.stop)`` gives the shard's absolute positions (e.g. for rotary
+    embeddings).
+
+    >>> [shard_range(16, 5, r, 2) for r in range(2)]    # blocks [0,5) [5,10) [10,16)
+    [range(0, 5), range(5, 16)]
+    """
+    for name, x in (("seq_len", seq_len), ("block_size", block_size), ("world_size", world_size)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+            raise ValueError(f"{name} must be a positive int, got {x!r}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if causal and remainder == "merge":
+        raise ValueError('remainder="merge" cannot be causal; use remainder="separate" or None')
+    if remainder is not None and remainder not in spec.REMAINDER_RULES:
+        raise ValueError(f"remainder must be one of {spec.REMAINDER_RULES} or None, got {remainder!r}")
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, spec.resolve_remainder(causal, remainder))
+    blocks = starts.numel()
+    if blocks < world_size:
+        raise ValueError(
+            f"seq_len={seq_len} with block_size={block_size} gives {blocks} blocks, fewer than world_size="
+            f"{world_size}: some rank would hold an empty shard; use a smaller block_size or fewer ranks"
+        )
+    first, last = rank * blocks // world_size, (rank + 1) * blocks // world_size  # blocks first .. last - 1
+    return range(int(starts[first]), int(ends[last - 1]))
+
+
+def shard_sequence(
+    x: torch.Tensor,
+    block_size: int,
+    *,
+    dim: int,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    remainder: str | None = None,
+) -> torch.Tensor:
+    """This rank's shard of ``x`` along its sequence dimension ``dim`` (a view, see ``shard_range``).
+
+    Queries, keys and values (B, H, S, D) use ``dim=2``; a key mask (B, S) ``dim=1``.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {_describe(x)} and dim={dim!r}")
+    shard = shard_range(
+        x.shape[dim], block_size, dist.get_rank(group), dist.get_world_size(group), causal=causal, remainder=remainder
+    )
+    return x.narrow(dim, shard.start, len(shard))
+
+
+def unshard_sequence(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The whole sequence on every rank: the ranks' shards of ``x`` concatenated along ``dim``.
+
+    The shards may differ in length along ``dim``; every other dimension must match.  Differentiable:
+    the gradient of each shard returns, summed over ranks, to the rank that holds it.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {_describe(x)} and dim={dim!r}")
+    lengths = [row[0] for row in _all_gather_ints([x.shape[dim]], group, x.device)]
+    return _all_gather_uneven(x, dim % x.dim(), lengths, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallel x data parallel
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in a (data parallel) x (context parallel) grid of the world's ranks.
+
+    ``context_parallel``: the ranks that share one sequence, consecutive ranks in sequence order
+    (pass it as ``group``).  ``data_parallel``: the ranks at the same place in the other sequences
+    (``dist.get_rank(data_parallel)`` picks the batch).  Parameter gradients are partial on every
+    rank, so their all-reduce spans the whole world (DDP's default), not either group alone.
+    """
+
+    context_parallel: dist.ProcessGroup
+    data_parallel: dist.ProcessGroup
+
+
+def context_parallel_groups(context_parallel_size: int, *, timeout: timedelta | None = None) -> ParallelGroups:
+    """Split the world into ``world_size / context_parallel_size`` sequences of that many ranks each.
+
+    Collective: every rank calls it, after ``init_process_group``.  ``timeout`` bounds every wait in
+    the new groups (None: torch's default); a rank that dies then fails the others instead of hanging.
+    """
+    world = dist.get_world_size()
+    size = context_parallel_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or world % size:
+        raise ValueError(f"context_parallel_size must be a positive int dividing world_size={world}, got {size!r}")
+    ranks = list(range(world))
+    sequences = [ranks[i : i + size] for i in range(0, world, size)]
+    places = [ranks[i::size] for i in range(size)]
+    context_parallel, _ = dist.new_subgroups_by_enumeration(sequences, timeout=timeout)
+    data_parallel, _ = dist.new_subgroups_by_enumeration(places, timeout=timeout)
+    return ParallelGroups(context_parallel=context_parallel, data_parallel=data_parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of context_parallel_attention
+
+
+def _check_shard(query, key) -> None:
+    for name, t in (("query", query), ("key", key)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be this rank's shard, a tensor (B, H, n, head_dim), got {_describe(t)}")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(
+            f"query and key must hold the same shard (n={key.shape[2]} positions), got query length {query.shape[2]}: "
+            "context parallelism splits self-attention over one sequence"
+        )
+
+
+def _shard_lengths(key, group) -> list[int]:
+    """Every rank's shard length, in rank order; an empty shard refused on every rank alike."""
+    lengths = [row[0] for row in _all_gather_ints([key.shape[2]], group, key.device)]
+    empty = [rank for rank, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(
+            f"rank(s) {empty} passed an empty shard (shard lengths by rank: {lengths}); every rank needs at least "
+            "one whole block: cut the sequence with shard_sequence, or use fewer ranks"
+        )
+    return lengths
+
+
+def _check_whole_blocks(lengths: list[int], block_size: int, remainder: str) -> None:
+    """Shards must start and end on the block boundaries of the whole sequence."""
+    for rank, n in enumerate(lengths[:-1]):
+        if n % block_size:
+            raise ValueError(
+                f"rank {rank}'s shard has {n} positions, not a whole number of blocks of block_size={block_size} "
+                f"(shard lengths by rank: {lengths}); every shard but the last must be a multiple of block_size"
+            )
+    if remainder == "merge" and len(lengths) > 1 and lengths[-1] < block_size:
+        raise ValueError(
+            f"the last rank's shard has {lengths[-1]} < block_size={block_size} positions: with remainder='merge' "
+            "a short tail belongs to the block before it, on another rank; give the tail to that rank's shard "
+            "(shard_sequence does) or use remainder='separate'"
+        )
+
+
+def _gather_visible_global_tokens(key, value, key_mask, block_size, remainder, lengths, causal, group):
+    """The global tokens of the other ranks that this rank's queries may see.
+
+    Returns keys (B, Hkv, T, D), values (B, Hkv, T, Dv) and present (B, T) bool (False: a block
+    without a real token).  Every rank gathers every rank's tokens, so that the collective (and
+    its backward) runs on all of them even when a rank sees none (causal rank 0).
+    """
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    batch, kv_heads, own_blocks, head_dim = key_global.shape
+    # One collective for all three: presence rides along as a 0/1 channel (exact in any float dtype).
+    presence = present[:, None, :, None].expand(batch, kv_heads, own_blocks, 1).to(key_global.dtype)
+    packed = torch.cat([key_global, value_global, presence], dim=-1)  # (B, Hkv, G_rank, D + Dv + 1)
+    blocks = [spec.num_blocks(n, block_size, remainder) for n in lengths]
+    tokens = _all_gather_uneven(packed, 2, blocks, group)  # (B, Hkv, G, D + Dv + 1)
+    first = sum(blocks[: dist.get_rank(group)])  # this rank's first block
+    earlier, later = tokens[:, :, :first], tokens[:, :, first + own_blocks :]
+    visible = earlier if causal else torch.cat([earlier, later], dim=2)  # (B, Hkv, T, D + Dv + 1)
+    return visible[..., :head_dim], visible[..., head_dim:-1], visible[:, 0, :, -1] > 0.5
+
+
+def _attend_to_tokens(query, key_tokens, value_tokens, present, scale, dropout_p):
+    """Every query row over the same few tokens, in one softmax: (out (B, Hq, L, Dv), lse (B, Hq, L)).
+
+    key_tokens (B, Hkv, T, D), value_tokens (B, Hkv, T, Dv), present (B, T) bool.  Rows are taken a
+    chunk at a time and recomputed in backward, so the (rows x T) scores never exist all at once.
+    """
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, num_tokens = key_tokens.shape[1:3]
+    group = q_heads // kv_heads
+    rows = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # (B, Hkv, g*L, D): a group shares its tokens
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // (batch * kv_heads * max(num_tokens, 1)))
+    outs, lses = zip(
+        *(
+            checkpoint(_dense_softmax, chunk, key_tokens, value_tokens, present, scale, dropout_p, use_reentrant=False)
+            for chunk in rows.split(rows_per_chunk, dim=2)
+        )
+    )
+    out = torch.cat(outs, dim=2).unflatten(2, (group, q_len)).flatten(1, 2)  # (B, Hq, L, Dv)
+    lse = torch.cat(lses, dim=2).unflatten(2, (group, q_len)).flatten(1, 2)  # (B, Hq, L)
+    return out, lse
+
+
+def _dense_softmax(rows, key_tokens, value_tokens, present, scale, dropout_p):
+    """rows (B, Hkv, R, D) over tokens (B, Hkv, T, .): out (B, Hkv, R, Dv), lse (B, Hkv, R)."""
+    compute_dtype = torch.promote_types(rows.dtype, torch.float32)
+    scores = scale * (rows.to(compute_dtype) @ key_tokens.to(compute_dtype).transpose(-1, -2))  # (B, Hkv, R, T)
+    # A batch row with no token present returns zeros and -inf, with zero (never NaN) gradients: its
+    # scores become 0 before the softmax and its weights are multiplied by 0 after.
+    visible = present[:, None, None, :]  # (B, 1, 1, T)
+    has_any = visible.any(-1, keepdim=True)  # (B, 1, 1, 1)
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~has_any, 0.0)
+    weights = torch.softmax(scores, dim=-1) * has_any
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~has_any[..., 0], float("-inf"))
+    if dropout_p > 0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p)
+    return weights @ value_tokens.to(compute_dtype), lse
+
+
+def _merge_softmaxes(out_a, lse_a, out_b, lse_b):
+    """One softmax over the union of two disjoint key sets, from each set's output and log-sum-exp.
+
+    out (B, H, L, Dv), lse (B, H, L) with -inf for a set a row does not see; a row that sees
+    neither gets zeros and zero gradients.
+    """
+    compute_dtype = torch.promote_types(lse_a.dtype, lse_b.dtype)
+    top = torch.maximum(lse_a, lse_b).to(compute_dtype)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)  # each set's share, unnormalised
+    total = weight_a + weight_b
+    total = torch.where(total > 0, total, torch.ones_like(total))  # an empty row: both weights are 0
+    return (
+        out_a.to(compute_dtype) * (weight_a / total)[..., None]
+        + out_b.to(compute_dtype) * (weight_b / total)[..., None]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives, with autograd and with errors that say what failed
+
+
+def _all_gather_ints(values: list[int], group, device) -> list[list[int]]:
+    """Every rank's ``values`` (all ranks pass the same number), in rank order."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    table = mine.new_empty(dist.get_world_size(group) * len(values))
+    _collective("all-gather of shard lengths", _all_gather_single, table, mine, group=group)
+    return table.view(-1, len(values)).tolist()
+
+
+def _all_gather_uneven(x, dim: int, lengths: list[int], group):
+    """Concatenate the ranks' ``x`` along ``dim`` (non-negative), rank r's being lengths[r] long there."""
+    longest = max(lengths)
+    padding = list(x.shape)
+    padding[dim] = longest - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(padding)], dim=dim).movedim(dim, 0)  # equal shapes for the collective
+    parts = _AllGather.apply(padded, group).unflatten(0, (len(lengths), longest))  # (P, longest, ...)
+    return torch.cat([part[:n] for part, n in zip(parts, lengths)]).movedim(0, dim)
+
+
+class _AllGather(torch.autograd.Function):
+    """(n, ...) on every rank -> (P * n, ...), rank order.  Backward reduce-scatters: the gradient
+    of rank r's rows, summed over all ranks, returns to rank r."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+        _collective("all-gather", _all_gather_single, out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        grad = grad_out.new_empty(grad_out.shape[0] // dist.get_world_size(ctx.group), *grad_out.shape[1:])
+        _collective(
+            "reduce-scatter (an all-gather's backward)", _reduce_scatter_single, grad, grad_out, group=ctx.group
+        )
+        return grad, None
+
+
+def _collective(what: str, fn, *args, group) -> None:
+    """Run a blocking collective; if it fails (a rank died, or did not join before the group's
+    timeout), say which one, where, and what to look at."""
+    try:
+        fn(*args, group=group)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"context parallel: the {what} failed on rank {dist.get_rank(group)} of {dist.get_world_size(group)}: "
+            "another rank died, hung past the process group's timeout, or skipped this call (every rank must "
+            "call forward and run backward through its output); see the other ranks' logs"
+        ) from err
+
+
+def _describe(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
