@@ -79,7 +79,8 @@ def global_attention(
     ``backend``: ``"auto"`` (the fastest available), ``"torch"`` (blocked PyTorch, any device),
     or ``"reference"`` (dense and explicit: the oracle, O(L * S) memory).
     """
-    args = _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    _check_value(value, key)
     _check_unit_interval("dropout_p", dropout_p)
     _check_bool("return_lse", return_lse)
     _check_choice("backend", backend, ("auto", *BACKENDS))
@@ -109,7 +110,7 @@ def attention_weights(
     """
     from globalattn.backends.reference import reference_weights
 
-    args = _check_attention_args(query, key, None, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     return reference_weights(query, key, **args)
 
 
@@ -117,31 +118,18 @@ def attention_weights(
 # Validation: every refusal is a ValueError that names the argument and what would be valid.
 
 
-def _check_attention_args(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks) -> dict:
-    """Check everything but the backend-specific options; return the resolved options."""
-    tensors = {"query": query, "key": key} if value is None else {"query": query, "key": key, "value": value}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (B, H, seq, head_dim), got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions (B, H, seq, head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
-        if t.dtype != query.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but query has {query.dtype}; all must match")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; all must match")
+def _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks) -> dict:
+    """Check everything but the values and the backend-specific options; return the resolved options."""
+    _check_tensor("query", query, query)
+    _check_tensor("key", key, query)
     batch, q_heads, q_len, head_dim = query.shape
+    if head_dim == 0:
+        raise ValueError("query and key must have head_dim >= 1, got 0")
     _, kv_heads, seq_len, _ = key.shape
     if key.shape[0] != batch:
         raise ValueError(f"key has batch size {key.shape[0]} but query has {batch}; they must match")
     if key.shape[3] != head_dim:
         raise ValueError(f"key has head_dim {key.shape[3]} but query has {head_dim}; they must match")
-    if value is not None and value.shape[:3] != key.shape[:3]:
-        raise ValueError(
-            f"value must have shape (B, Hkv, S, Dv) = {tuple(key.shape[:3])} + (Dv,) like key, "
-            f"got {tuple(value.shape)}"
-        )
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"query heads ({q_heads}) must be a positive multiple of key/value heads ({kv_heads})")
     if seq_len == 0:
@@ -184,6 +172,30 @@ def _check_attention_args(query, key, value, block_size, causal, scope, remainde
         scale=float(scale),
         top_blocks=int(top_blocks),
     )
+
+
+def _check_tensor(name: str, t, query) -> None:
+    """A 4-d floating-point tensor with the dtype and device of ``query``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, H, seq, head_dim), got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (B, H, seq, head_dim), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.dtype != query.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but query has {query.dtype}; all must match")
+    if t.device != query.device:
+        raise ValueError(f"{name} is on {t.device} but query is on {query.device}; all must match")
+
+
+def _check_value(value, key) -> None:
+    """value (B, Hkv, S, Dv): the (already checked) key's batch, heads and length, a head dim >= 1."""
+    _check_tensor("value", value, key)
+    if value.shape[:3] != key.shape[:3] or value.shape[3] == 0:
+        raise ValueError(
+            f"value must have shape (B, Hkv, S, Dv) = {tuple(key.shape[:3])} + (Dv >= 1,) like key, "
+            f"got {tuple(value.shape)}"
+        )
 
 
 def _check_positive_int(name: str, x) -> None:

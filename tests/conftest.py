@@ -1,0 +1,191 @@
+"""Shared fixtures and helpers of the core test suite.
+
+- ``seed`` (autouse): every test draws fresh random inputs, from a per-session seed (printed in the
+  report header; set ``GLOBALATTN_TEST_SEED`` to replay a run) mixed with the test's id.
+- ``device``: "cpu", and "cuda" (marked ``gpu``, skipped without a CUDA device).
+- ``Case``: one attention problem (shapes and options) with a readable id, and its random inputs.
+- ``dense_attention``: masked dense softmax over [keys ; global tokens] in differentiable torch ops,
+  built from the oracle's allowed mask and pooling matrix.  At float64 it is the gradient reference;
+  at a low precision it is the "same computation done naively" of flash-attention's error rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from dataclasses import dataclass, fields
+
+import pytest
+import torch
+
+import oracle
+from globalattn import global_attention
+
+SESSION_SEED = int(os.environ.get("GLOBALATTN_TEST_SEED", random.randrange(2**31)))
+
+# The tensors here are tiny: a second intra-op thread only adds a rendezvous per operation, which
+# costs milliseconds when other processes hold the cores (the suite ran 7x slower on a busy 2-core
+# machine).  GLOBALATTN_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("GLOBALATTN_TEST_THREADS", 1)))
+
+
+def pytest_report_header(config):
+    return f"globalattn test seed: GLOBALATTN_TEST_SEED={SESSION_SEED}, torch threads: {torch.get_num_threads()}"
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """Seed torch for this test: fresh every session, reproducible with GLOBALATTN_TEST_SEED."""
+    value = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(value)
+    return value
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: shapes, options, and which keys are padding.
+
+    mask: None (all real), "random" (about 30% padding), "block" (as random, and batch 0's first
+    block entirely padded: no global token, and empty rows where that block's queries see nothing
+    else), "empty" (as random, and batch 0 entirely padded: every row of it empty).
+    """
+
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 2
+    L: int = 16
+    S: int = 16
+    D: int = 8
+    Dv: int | None = None
+    b: int = 5
+    causal: bool = False
+    scope: str = "all"
+    remainder: str | None = None
+    mask: str | None = None
+    scale: float | None = None
+    top_blocks: int = 0
+
+    @property
+    def resolved_remainder(self) -> str:
+        return self.remainder or ("separate" if self.causal else "merge")
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-Hq{self.Hq}-Hkv{self.Hkv}-L{self.L}-S{self.S}-D{self.D}"]
+        if self.Dv is not None:
+            parts.append(f"Dv{self.Dv}")
+        parts += [f"b{self.b}", "causal" if self.causal else "bidir", self.scope, self.resolved_remainder]
+        if self.mask:
+            parts.append(f"mask_{self.mask}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
+        if self.top_blocks:
+            parts.append(f"top{self.top_blocks}")
+        return "-".join(parts)
+
+    def replace(self, **changes) -> Case:
+        return Case(**{f.name: changes.get(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def options(self) -> dict:
+        """Keyword arguments of ``global_attention`` / ``oracle.attention`` (key_mask apart)."""
+        return dict(
+            causal=self.causal, scope=self.scope, remainder=self.remainder, scale=self.scale, top_blocks=self.top_blocks
+        )
+
+    def inputs(self, dtype=torch.float64, device="cpu", requires_grad=False):
+        """Random (query, key, value, key_mask): (B,Hq,L,D), (B,Hkv,S,D), (B,Hkv,S,Dv), (B,S) or None."""
+        shapes = [(self.B, self.Hq, self.L, self.D), (self.B, self.Hkv, self.S, self.D)]
+        shapes.append((self.B, self.Hkv, self.S, self.Dv or self.D))
+        q, k, v = (torch.randn(shape, dtype=torch.float64).to(device, dtype) for shape in shapes)
+        for x in (q, k, v):
+            x.requires_grad_(requires_grad)
+        return q, k, v, self.key_mask(device)
+
+    def key_mask(self, device="cpu") -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        real = torch.rand(self.B, self.S) > 0.3
+        if self.mask == "block":
+            lo, hi = oracle.blocks(self.S, self.b, self.resolved_remainder)[0]
+            real[0, lo:hi] = False
+        elif self.mask == "empty":
+            real[0] = False
+        else:
+            assert self.mask == "random", self.mask
+        return real.to(device)
+
+    def attend(self, backend, q, k, v, key_mask, **extra):
+        """``global_attention`` of these inputs with this case's options."""
+        return global_attention(q, k, v, self.b, key_mask=key_mask, backend=backend, **self.options(), **extra)
+
+    def oracle(self, q, k, v, key_mask) -> oracle.Result:
+        return oracle.attention(q, k, v, self.b, key_mask=key_mask, **self.options())
+
+    def scale_value(self) -> float:
+        return 1.0 / math.sqrt(self.D) if self.scale is None else self.scale
+
+
+def case_params(cases) -> list:
+    """``pytest.param`` per case, with its readable id."""
+    return [pytest.param(case, id=case.id) for case in cases]
+
+
+def dense_attention(query, key, value, ref: oracle.Result, scale: float):
+    """Global-token attention as one masked dense softmax, in torch ops at the inputs' dtype.
+
+    query (B,Hq,L,D), key (B,Hkv,S,D), value (B,Hkv,S,Dv); ``ref`` supplies only the structure
+    (who sees what, and the pooling matrix), so gradients flow through every score and mean.
+    Returns out (B,Hq,L,Dv) and lse (B,Hq,L), -inf for a row that sees nothing.
+    """
+    group = query.shape[1] // key.shape[1]
+    pool = ref.pool.to(query.device, query.dtype)[:, None]  # (B, 1, G, S)
+    keys = torch.cat([key, pool @ key], dim=2).repeat_interleave(group, dim=1)  # (B, Hq, S+G, D)
+    values = torch.cat([value, pool @ value], dim=2).repeat_interleave(group, dim=1)  # (B, Hq, S+G, Dv)
+    allowed = ref.allowed.to(query.device)[:, None]  # (B, 1, L, S+G)
+    has_any = allowed.any(-1, keepdim=True)  # (B, 1, L, 1)
+    scores = scale * (query @ keys.transpose(-1, -2))
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_any, 0.0)
+    weights = torch.softmax(scores, dim=-1) * has_any
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~has_any[..., 0], float("-inf"))
+    return weights @ values, lse
+
+
+def max_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest absolute difference, with -inf == -inf counting as exact (empty rows' lse)."""
+    got, exact = got.detach().cpu().double(), exact.detach().cpu().double()
+    assert torch.equal(torch.isneginf(got), torch.isneginf(exact)), "-inf in different places"
+    finite = torch.isfinite(exact)
+    assert torch.isfinite(got[finite]).all(), "non-finite values where the exact result is finite"
+    return float((got[finite] - exact[finite]).abs().max()) if finite.any() else 0.0
+
+
+def assert_max_error(got, exact, tol: float, name: str = "result") -> None:
+    err = max_error(got, exact)
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+def assert_within_naive_error(name, got, naive, exact, *, factor, slack):
+    """flash-attention's rule: error vs the exact result at most ``factor`` times that of the naive
+    computation at the input's precision, plus ``slack``."""
+    err, naive_err = max_error(got, exact), max_error(naive, exact)
+    assert err <= factor * naive_err + slack, f"{name}: error {err:.3g} > {factor} x naive {naive_err:.3g} + {slack:g}"
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    """d(inputs) for the given upstream gradients (one per output)."""
+    return torch.autograd.grad(outputs, inputs, grad_outputs)

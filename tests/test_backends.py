@@ -1,0 +1,300 @@
+"""Every backend against the float64 loop oracle (tests/oracle.py): outputs, log-sum-exp, gradients,
+attention weights, chunking and dropout.
+
+Low-precision results also obey flash-attention's rule: a backend's error against the exact result
+may be at most 2x (forward) or 3x (gradients) the error of the same computation done naively in
+PyTorch at the input's precision (``conftest.dense_attention`` at that dtype), plus a small slack.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import globalattn.backends.blocked as blocked
+from conftest import (
+    DTYPE_IDS,
+    LOW_PRECISION,
+    Case,
+    assert_max_error,
+    assert_within_naive_error,
+    case_params,
+    dense_attention,
+    grads_of,
+)
+from globalattn import attention_weights
+
+BACKENDS = ["reference", "torch", "auto"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+# Largest error allowed against the float64 oracle (inputs ~ N(0, 1)): absolute for out and lse,
+# relative to the largest exact value (at least 1) for gradients, which grow with the sequence.
+FORWARD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# Low precision: the global tokens are rounded to the input dtype, which moves every global score.
+LSE_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 8e-3}
+GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# flash-attention's rule: the slack added to factor x (naive error), half an ulp at 1.
+SLACK = {dtype: torch.finfo(dtype).eps / 2 for dtype in (torch.bfloat16, torch.float16)}
+
+SEED = Case()  # B2-Hq4-Hkv2-L16-S16-D8-b5-bidir-all-merge: the seed's 16 tokens, b = 5
+ODD = Case(B=1, Hq=2, Hkv=1, L=11, S=11, D=59, Dv=61, b=3)  # awkward head dims, Dv != D
+GRID = [
+    SEED,
+    SEED.replace(remainder="separate"),
+    SEED.replace(scope="own"),
+    SEED.replace(scope="own", remainder="separate"),
+    Case(L=12, S=12, b=4),  # S a multiple of b
+    Case(L=13, S=13, b=4, remainder="separate"),
+    Case(L=7, S=7, b=10),  # b > S
+    Case(L=7, S=7, b=10, causal=True),
+    Case(L=9, S=9, b=1),  # b = 1
+    Case(L=9, S=9, b=1, causal=True),
+    SEED.replace(causal=True),  # causal, L == S
+    SEED.replace(causal=True, L=5),  # causal, L < S
+    Case(L=1, S=13, b=4, causal=True),  # decoding one token
+    SEED.replace(L=7),  # bidirectional, L < S
+    Case(L=3, S=13, b=4, scope="own"),
+    SEED.replace(Hkv=1),  # GQA down to one key/value head
+    Case(Hq=3, Hkv=3, L=10, S=10, b=3),  # plain multi-head
+    ODD,
+    ODD.replace(causal=True, mask="random"),
+    SEED.replace(mask="random"),
+    SEED.replace(mask="block"),  # an absent global token
+    SEED.replace(mask="empty"),  # every row of batch 0 sees nothing
+    SEED.replace(scope="own", mask="block"),  # block 0's rows see nothing
+    SEED.replace(causal=True, mask="block"),  # block 0's rows see nothing
+    SEED.replace(causal=True, L=9, mask="empty"),
+    SEED.replace(remainder="separate", mask="random", L=6),
+    SEED.replace(scale=0.37),
+    Case(L=10, S=10, b=3, causal=True, scale=2.5),
+    # Long causal blocks: the torch backend splits a block's queries into parts (MIN_CAUSAL_PART).
+    Case(B=1, Hq=2, Hkv=1, L=150, S=150, D=4, b=64, causal=True),
+    Case(B=2, Hq=2, Hkv=1, L=100, S=150, D=4, b=70, causal=True, mask="random"),
+]
+
+
+def assert_empty_rows_are_zero(out, lse, ref):
+    """Rows that may see nothing: output exactly 0, lse -inf; and no NaN anywhere."""
+    empty = ~ref.allowed.any(-1)[:, None].expand(lse.shape).to(out.device)  # (B, Hq, L)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[empty] == 0).all()
+    assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(GRID))
+def test_forward_matches_oracle(case, backend, dtype, device):
+    q, k, v, key_mask = case.inputs(dtype, device)
+    out, lse = case.attend(backend, q, k, v, key_mask, return_lse=True)  # (B, Hq, L, Dv), (B, Hq, L)
+    ref = case.oracle(q, k, v, key_mask)
+    assert out.shape == ref.out.shape and out.dtype == dtype and out.device == q.device
+    assert lse.shape == ref.lse.shape and lse.dtype == torch.promote_types(dtype, torch.float32)
+    assert_empty_rows_are_zero(out, lse, ref)
+    assert_max_error(out, ref.out, FORWARD_ATOL[dtype], "out")
+    assert_max_error(lse, ref.lse, LSE_ATOL[dtype], "lse")
+    if dtype in LOW_PRECISION:
+        naive_out, naive_lse = dense_attention(q, k, v, ref, case.scale_value())
+        assert_within_naive_error("out", out, naive_out, ref.out, factor=2, slack=SLACK[dtype])
+        assert_within_naive_error("lse", lse, naive_lse, ref.lse, factor=2, slack=SLACK[dtype])
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_lse_does_not_change_out(backend, return_lse):
+    case = SEED.replace(mask="random")
+    q, k, v, key_mask = case.inputs()
+    result = case.attend(backend, q, k, v, key_mask, return_lse=return_lse)
+    out = result[0] if return_lse else result
+    assert isinstance(result, tuple) == return_lse
+    torch.testing.assert_close(out, case.oracle(q, k, v, key_mask).out, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(GRID))
+def test_gradients_match_dense_float64(case, backend, dtype, device):
+    """dq, dk, dv for a random upstream gradient on out and lse, against float64 autograd."""
+    q, k, v, key_mask = case.inputs(dtype, device, requires_grad=True)
+    ref = case.oracle(q, k, v, key_mask)
+    out, lse = case.attend(backend, q, k, v, key_mask, return_lse=True)
+    upstream = (torch.randn_like(out), torch.randn_like(lse))
+    got = grads_of((out, lse), (q, k, v), upstream)
+
+    exact_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    exact_outputs = dense_attention(*exact_inputs, ref, case.scale_value())
+    exact = grads_of(exact_outputs, exact_inputs, [g.double() for g in upstream])
+    if dtype in LOW_PRECISION:
+        naive = grads_of(dense_attention(q, k, v, ref, case.scale_value()), (q, k, v), upstream)
+
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert got[i].dtype == dtype and got[i].shape == exact[i].shape
+        assert torch.isfinite(got[i]).all(), f"{name} not finite"
+        assert_max_error(got[i], exact[i], GRAD_RTOL[dtype] * max(1.0, exact[i].abs().max().item()), name)
+        if dtype in LOW_PRECISION:
+            assert_within_naive_error(name, got[i], naive[i], exact[i], factor=3, slack=SLACK[dtype])
+
+    # A row that sees nothing has no gradient; a padded key receives none either.
+    dq, dk, dv = got
+    empty = ~ref.allowed.any(-1).to(device)  # (B, L)
+    assert (dq.transpose(1, 2)[empty] == 0).all()
+    if key_mask is not None:
+        assert (dk.transpose(1, 2)[~key_mask] == 0).all() and (dv.transpose(1, 2)[~key_mask] == 0).all()
+
+
+def test_dense_helper_matches_oracle():
+    """The gradient reference (``dense_attention``) computes what the loop oracle computes."""
+    for case in GRID:
+        q, k, v, key_mask = case.inputs()
+        ref = case.oracle(q, k, v, key_mask)
+        out, lse = dense_attention(q, k, v, ref, case.scale_value())
+        assert_max_error(out, ref.out, 1e-12, f"{case.id} out")
+        assert_max_error(lse, ref.lse, 1e-12, f"{case.id} lse")
+
+
+GRADCHECK_CASES = [
+    Case(B=1, Hq=2, Hkv=1, L=7, S=7, D=3, Dv=2, b=3),
+    Case(B=1, Hq=2, Hkv=2, L=7, S=7, D=2, b=3, scope="own", remainder="separate"),
+    Case(B=2, Hq=2, Hkv=1, L=5, S=7, D=3, Dv=2, b=3, causal=True, mask="random"),
+    Case(B=2, Hq=2, Hkv=1, L=7, S=7, D=2, b=2, causal=True, mask="block"),  # empty rows
+    Case(B=1, Hq=1, Hkv=1, L=4, S=6, D=2, b=4, mask="random", scale=0.8),
+]
+
+
+def finite_lse(lse):
+    """lse with -inf (an empty row) as 0, so that finite differences stay finite."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("case", case_params(GRADCHECK_CASES))
+def test_gradcheck(case, backend, return_lse):
+    q, k, v, key_mask = case.inputs(requires_grad=True)
+
+    def attention(q, k, v):
+        if not return_lse:
+            return case.attend(backend, q, k, v, key_mask)
+        out, lse = case.attend(backend, q, k, v, key_mask, return_lse=True)
+        return out, finite_lse(lse)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+# -- attention weights ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", case_params(GRID))
+def test_attention_weights_match_oracle(case, dtype, device):
+    q, k, _, key_mask = case.inputs(dtype, device)
+    weights = attention_weights(q, k, case.b, key_mask=key_mask, **case.options())  # (B, Hq, L, S + G)
+    ref = case.oracle(q, k, k[..., :1], key_mask)
+    assert weights.shape == ref.weights.shape and weights.dtype == dtype
+    assert_max_error(weights, ref.weights, 1e-12 if dtype == torch.float64 else 1e-6, "weights")
+    hidden = ~ref.allowed[:, None].expand(weights.shape).to(device)
+    assert (weights[hidden] == 0).all()  # cells a query may not see are exactly 0
+    sums = weights.double().sum(-1)  # 1, or 0 for a row that sees nothing
+    expected = ref.allowed.any(-1)[:, None].expand(sums.shape).double()
+    torch.testing.assert_close(sums.cpu(), expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+# -- chunking ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [
+            SEED.replace(mask="random"),
+            SEED.replace(causal=True, L=9, mask="block"),
+            SEED.replace(scope="own", L=11, remainder="separate"),
+            ODD.replace(causal=True),
+            Case(B=1, Hq=2, Hkv=1, L=130, S=150, D=3, b=64, causal=True, mask="block"),
+        ]
+    ),
+)
+def test_many_chunks_give_the_same_result(case, monkeypatch):
+    q, k, v, key_mask = case.inputs(requires_grad=True)
+    upstream = (torch.randn(case.B, case.Hq, case.L, case.Dv or case.D, dtype=torch.float64),)
+    upstream += (torch.randn(case.B, case.Hq, case.L, dtype=torch.float64),)
+    chunk_counts = []  # how many chunks each call planned
+
+    def forward_backward():
+        out, lse = case.attend("torch", q, k, v, key_mask, return_lse=True)
+        return (out, lse, *grads_of((out, lse), (q, k, v), upstream))
+
+    def counting(*args, **kwargs):
+        chunks = plan(*args, **kwargs)
+        chunk_counts.append(len(chunks))
+        return chunks
+
+    plan = blocked._plan_chunks
+    monkeypatch.setattr(blocked, "_plan_chunks", counting)
+    whole = forward_backward()
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
+    chunked = forward_backward()
+    assert chunk_counts[1] > max(1, chunk_counts[0])  # the premise: one chunk per tile now
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), whole, chunked):
+        assert_max_error(b, a, 1e-12, name)
+    assert_max_error(chunked[0], case.oracle(q, k, v, key_mask).out, 1e-10, "out")
+
+
+# -- dropout ----------------------------------------------------------------------------------------
+
+DROPOUT_CASES = [
+    Case(B=1, Hq=2, Hkv=1, L=10, S=10, D=4, b=3),
+    Case(B=1, Hq=2, Hkv=1, L=10, S=10, D=4, b=3, causal=True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_zero_is_no_dropout(backend):
+    case = SEED.replace(mask="random")
+    q, k, v, key_mask = case.inputs()
+    torch.testing.assert_close(
+        case.attend(backend, q, k, v, key_mask, dropout_p=0.0), case.attend(backend, q, k, v, key_mask), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(DROPOUT_CASES))
+def test_dropout_changes_output_reproducibly(case, backend):
+    q, k, v, key_mask = case.inputs()
+    plain = case.attend(backend, q, k, v, key_mask)
+    torch.manual_seed(1234)
+    first = case.attend(backend, q, k, v, key_mask, dropout_p=0.3)
+    torch.manual_seed(1234)
+    again = case.attend(backend, q, k, v, key_mask, dropout_p=0.3)
+    other = case.attend(backend, q, k, v, key_mask, dropout_p=0.3)  # the generator has moved on
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, plain) and not torch.allclose(first, other)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params(DROPOUT_CASES))
+def test_dropout_is_unbiased(case, backend):
+    """The mean over many draws (a batch of copies of one problem) approaches the output without dropout."""
+    draws = 4000
+    q, k, v, _ = case.inputs()
+    plain = case.attend(backend, q, k, v, None)[0]  # (Hq, L, D)
+    copies = [x.expand(draws, *x.shape[1:]).contiguous() for x in (q, k, v)]
+    outs = case.attend(backend, *copies, None, dropout_p=0.25)  # (draws, Hq, L, D)
+    mean, standard_error = outs.mean(0), outs.std(0) / draws**0.5
+    assert (standard_error > 0).any()  # dropout did something
+    assert ((mean - plain).abs() <= 5 * standard_error + 1e-12).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", case_params([c.replace(L=7, S=7, D=3, b=3, mask="random") for c in DROPOUT_CASES]))
+def test_dropout_backward_matches_its_forward(case, backend):
+    """With the generator re-seeded before every call the dropout mask is fixed, so gradcheck applies."""
+    q, k, v, key_mask = case.inputs(requires_grad=True)
+
+    def attention(q, k, v):
+        torch.manual_seed(99)
+        out, lse = case.attend(backend, q, k, v, key_mask, dropout_p=0.4, return_lse=True)
+        return out, finite_lse(lse)
+
+    assert not torch.allclose(attention(q, k, v)[0], case.attend(backend, q, k, v, key_mask))
+    assert torch.autograd.gradcheck(attention, (q, k, v))
