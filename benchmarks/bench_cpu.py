@@ -123,10 +123,11 @@ def _time_point(args, seq, causal, which) -> dict:
     local, glob = spec.attended_pairs(seq, args.block_size, causal=causal, remainder="separate" if causal else "merge")
     factor = 3.5 if which == "fwd+bwd" else 1.0  # backward = 2.5x forward
     flops = 4 * args.heads * args.head_dim * (local + glob) * factor
-    global_s = _median_seconds(lambda: _run("global", args, q, k, v, causal, grad_out))
-    dense_s = math.nan
-    if seq <= args.dense_max:
-        dense_s = _median_seconds(lambda: _run("dense", args, q, k, v, causal, grad_out))
+    calls = {impl: (lambda impl=impl: _run(impl, args, q, k, v, causal, grad_out)) for impl in ("global", "dense")}
+    if seq > args.dense_max:
+        del calls["dense"]
+    seconds = _paired_medians(calls)
+    global_s, dense_s = seconds["global"], seconds.get("dense", math.nan)
     return {
         "seq": seq,
         "causal": causal,
@@ -139,19 +140,22 @@ def _time_point(args, seq, causal, which) -> dict:
     }
 
 
-def _median_seconds(fn, budget_s: float = 2.0, max_reps: int = 7) -> float:
-    """Median over repetitions after one warm-up; fewer repetitions for long calls."""
-    start = time.perf_counter()
-    with torch.inference_mode(False):
-        fn()
-    first = time.perf_counter() - start
-    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-6))))
-    times = []
+def _paired_medians(calls: dict, budget_s: float = 30.0, max_reps: int = 7) -> dict:
+    """Median seconds of each call, after one warm-up each.  The calls take turns, so that a burst of
+    load from elsewhere on a shared machine hits all of them alike; fewer turns for long calls."""
+    first = {name: _seconds(fn) for name, fn in calls.items()}
+    reps = max(1, min(max_reps, int(budget_s / sum(first.values()))))
+    times = {name: [] for name in calls}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in calls.items():
+            times[name].append(_seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _measure_in_subprocess(args, impl, seq) -> int:

@@ -151,3 +151,23 @@ def test_queries_are_bottom_right_aligned():
     assert _seen(weights[0, 0, 0]) == [4, 5, 6, 7, 10]
     assert _seen(weights[0, 0, 1]) == [8, 10, 11]
     assert _seen(weights[0, 0, 2]) == [8, 9, 10, 11]
+
+
+def test_merge_attentions_is_one_softmax_over_both_sets():
+    """Attending to two disjoint key sets and merging by lse equals one softmax over their union,
+    including rows that see only one set or neither (zeros, lse -inf, zero gradients)."""
+    scores = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)  # (H, L, keys)
+    values = torch.randn(3, 12, 4, dtype=torch.float64)
+    allowed = torch.rand(5, 12) > 0.4
+    allowed[0, :6] = False  # row 0 sees only the second set
+    allowed[1] = False  # row 1 sees nothing
+    weights, lse = spec.masked_softmax(scores, allowed)
+    expected = weights @ values
+    parts = [spec.masked_softmax(scores[..., cut], allowed[:, cut]) for cut in (slice(0, 6), slice(6, 12))]
+    (w_a, lse_a), (w_b, lse_b) = parts
+    out, merged_lse = spec.merge_attentions(w_a @ values[:, :6], lse_a, w_b @ values[:, 6:], lse_b)
+    assert torch.allclose(out, expected, atol=1e-12) and torch.equal(out[:, 1], torch.zeros(3, 4, dtype=out.dtype))
+    assert torch.allclose(merged_lse[:, [0, 2, 3, 4]], lse[:, [0, 2, 3, 4]], atol=1e-12)
+    assert torch.isneginf(merged_lse[:, 1]).all() and torch.isneginf(lse[:, 1]).all()
+    (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), scores)
+    assert torch.isfinite(grad).all() and (grad[:, 1] == 0).all()

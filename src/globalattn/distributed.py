@@ -88,7 +88,7 @@ def context_parallel_attention(
     )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out_others, lse_others = _attend_to_tokens(query, key_tokens, value_tokens, present, scale, dropout_p)
-    return _merge_softmaxes(out, lse, out_others, lse_others).to(out.dtype)
+    return spec.merge_attentions(out, lse, out_others, lse_others)[0].to(out.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,34 +286,10 @@ def _dense_softmax(rows, key_tokens, value_tokens, present, scale, dropout_p):
     """rows (B, Hkv, R, D) over tokens (B, Hkv, T, .): out (B, Hkv, R, Dv), lse (B, Hkv, R)."""
     compute_dtype = torch.promote_types(rows.dtype, torch.float32)
     scores = scale * (rows.to(compute_dtype) @ key_tokens.to(compute_dtype).transpose(-1, -2))  # (B, Hkv, R, T)
-    # A batch row with no token present returns zeros and -inf, with zero (never NaN) gradients: its
-    # scores become 0 before the softmax and its weights are multiplied by 0 after.
-    visible = present[:, None, None, :]  # (B, 1, 1, T)
-    has_any = visible.any(-1, keepdim=True)  # (B, 1, 1, 1)
-    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~has_any, 0.0)
-    weights = torch.softmax(scores, dim=-1) * has_any
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(~has_any[..., 0], float("-inf"))
+    weights, lse = spec.masked_softmax(scores, present[:, None, None, :])  # a batch row without tokens: zeros
     if dropout_p > 0:
         weights = torch.nn.functional.dropout(weights, p=dropout_p)
     return weights @ value_tokens.to(compute_dtype), lse
-
-
-def _merge_softmaxes(out_a, lse_a, out_b, lse_b):
-    """One softmax over the union of two disjoint key sets, from each set's output and log-sum-exp.
-
-    out (B, H, L, Dv), lse (B, H, L) with -inf for a set a row does not see; a row that sees
-    neither gets zeros and zero gradients.
-    """
-    compute_dtype = torch.promote_types(lse_a.dtype, lse_b.dtype)
-    top = torch.maximum(lse_a, lse_b).to(compute_dtype)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)  # each set's share, unnormalised
-    total = weight_a + weight_b
-    total = torch.where(total > 0, total, torch.ones_like(total))  # an empty row: both weights are 0
-    return (
-        out_a.to(compute_dtype) * (weight_a / total)[..., None]
-        + out_b.to(compute_dtype) * (weight_b / total)[..., None]
-    )
 
 
 # ---------------------------------------------------------------------------------------------

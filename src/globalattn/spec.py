@@ -147,3 +147,37 @@ def select_top_blocks(
     ranked = global_scores.detach().masked_fill(~candidate, float("-inf"))
     blocks = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]  # stable: ties to lower j
     return blocks, candidate.expand_as(ranked).gather(-1, blocks)
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of ``scores`` over the cells ``allowed`` (broadcastable) of the last dim, and its lse.
+
+    A row that may see nothing gets all-zero weights, ``lse = -inf`` and zero gradients, never NaN:
+    its scores are replaced by zeros before the softmax and its weights multiplied by 0 after.
+    """
+    row_has_any = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_has_any, 0.0)
+    weights = torch.softmax(scores, dim=-1) * row_has_any
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~row_has_any[..., 0], float("-inf"))
+    return weights, lse
+
+
+def merge_attentions(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attentions of the same queries over disjoint key sets, as one softmax over both.
+
+    out (..., L, Dv) and lse (..., L) each, ``-inf`` where a row saw nothing of that set.  Returns
+    (out, lse) in float32 or better; a row empty in both stays zero, with zero (not NaN) gradients.
+    """
+    dtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    shift = finite_or_zero(torch.maximum(lse_a, lse_b))
+    weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)  # each set's unnormalised share
+    total = weight_a + weight_b
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    out = out_a.to(dtype) * (weight_a / safe_total)[..., None] + out_b.to(dtype) * (weight_b / safe_total)[..., None]
+    return out, shift + torch.log(total)
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """-inf (a row that sees nothing) replaced by 0, so that exp(-inf - x) stays 0 and not NaN."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))

@@ -371,8 +371,8 @@ class _ChunkTiles:
             parts.append(routed.masked_fill_(~self.routed_seen.unflatten(2, (self.n, -1)), float("-inf")))
         scores = torch.cat(parts, dim=-1)
         if lse is not None:
-            return scores.sub_(_finite_or_zero(lse)[..., None]).exp_(), None
-        row_max = _finite_or_zero(scores.amax(-1, keepdim=True))
+            return scores.sub_(spec.finite_or_zero(lse)[..., None]).exp_(), None
+        row_max = spec.finite_or_zero(scores.amax(-1, keepdim=True))
         probs = scores.sub_(row_max).exp_()
         total = probs.sum(-1, keepdim=True)
         chunk_lse = (row_max + torch.log(total))[..., 0]
@@ -421,8 +421,3 @@ class _ChunkTiles:
         grad_value_global[:, :, self.chunk.global_cols] += glob.flatten(2, 3).transpose(-1, -2) @ d_out.flatten(2, 3)
         if self.options.top_blocks:
             self._scatter_routed(grad_value, routed.flatten(2, 3)[..., None] * d_out.flatten(2, 3)[..., None, :])
-
-
-def _finite_or_zero(x):
-    """Replace -inf (a row that sees nothing) by 0, so that exp(-inf - x) stays 0 and not NaN."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))

@@ -57,13 +57,7 @@ def _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask,
         routed_keys = routed[..., key_block] & real[:, None, None, :]  # (B, Hq, L, S)
         allowed = allowed | torch.cat([routed_keys, torch.zeros_like(routed)], dim=-1)  # (B, Hq, L, S + G)
 
-    # A row that may see nothing gets all-zero weights and zero gradients, never NaN: its scores are
-    # replaced by zeros before the softmax and its weights multiplied by 0 after.
-    row_has_any = allowed.any(-1, keepdim=True)
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_has_any, 0.0)
-    weights = torch.softmax(scores, dim=-1) * row_has_any
-    lse = torch.logsumexp(scores, dim=-1).masked_fill(~row_has_any[..., 0], float("-inf"))
-    return weights, lse
+    return spec.masked_softmax(scores, allowed)
 
 
 def _with_globals(x, x_global, q_heads):
