@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import globalattn.backends.blocked as blocked
 import oracle
 from conftest import Case, case_params, grads_of, max_error
 from globalattn import attention_weights, global_attention
@@ -29,7 +30,8 @@ GRID = [
     BASE.replace(scope="own"),  # no candidate: the own block is excluded
     BASE.replace(b=30),  # one block: no candidate
     BASE.replace(L=9, D=5, Dv=7, scale=0.8),
-    Case(B=1, Hq=2, Hkv=1, L=150, S=150, D=4, b=64, causal=True, top_blocks=1),  # causal parts + routing
+    # causal parts + routing
+    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=2 * blocked.MIN_CAUSAL_PART, causal=True, top_blocks=1),
 ]
 
 
