@@ -9,7 +9,6 @@ wait has a timeout (the process group's, and the join's).
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from datetime import timedelta
@@ -262,13 +261,9 @@ def _check_layer_context_and_data_parallel(rank: int, world_size: int, seed: int
         mine = shard_range(30, 4, dist.get_rank(groups.context_parallel), 2, causal=causal)
         cols = slice(mine.start, mine.stop)
         x_s = x.detach()[rows, cols].clone().requires_grad_()
-        # Stands in for the one-line change to layer.py that selects context parallelism.
-        cp_attention = functools.partial(context_parallel_attention, group=groups.context_parallel)
-        original, globalattn.layer.global_attention = globalattn.layer.global_attention, cp_attention
-        try:
-            out, _ = layer(x_s, None if padding is None else padding[rows, cols])
-        finally:
-            globalattn.layer.global_attention = original
+        layer.context_parallel_group = groups.context_parallel
+        out, _ = layer(x_s, None if padding is None else padding[rows, cols])
+        layer.context_parallel_group = None
         grads = torch.autograd.grad(out, (x_s, *layer.parameters()), grad_out[rows, cols])
         for grad in grads[1:]:  # every rank's parameter gradient is partial: sum over the world
             dist.all_reduce(grad)

@@ -43,7 +43,8 @@ def by_hand(layer: GlobalAttention, x, key_padding_mask=None):
         heads(layer.v_proj, layer.num_kv_heads),
     )
     key_mask = None if key_padding_mask is None else ~key_padding_mask
-    ref = oracle.attention(q, k, v, layer.block_size, causal=layer.causal, scope=layer.scope, key_mask=key_mask)
+    options = dict(causal=layer.causal, scope=layer.scope, key_mask=key_mask, top_blocks=layer.top_blocks)
+    ref = oracle.attention(q, k, v, layer.block_size, **options)
     merged = ref.out.transpose(1, 2).reshape(batch, length, layer.embed_dim)  # (B, T, E)
     return merged @ layer.out_proj.weight.T + layer.out_proj.bias, ref.weights
 
@@ -56,8 +57,10 @@ def by_hand(layer: GlobalAttention, x, key_padding_mask=None):
         dict(num_kv_heads=1, causal=True),
         dict(scope="own", block_size=4),
         dict(num_heads=2, block_size=20),
+        dict(block_size=2, top_blocks=2),
+        dict(block_size=2, top_blocks=1, causal=True, num_kv_heads=2),
     ],
-    ids=["mha", "gqa2", "gqa1-causal", "own-b4", "b_gt_T"],
+    ids=["mha", "gqa2", "gqa1-causal", "own-b4", "b_gt_T", "top2", "top1-causal-gqa2"],
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padding"])
 def test_layer_equals_its_projections_through_the_oracle(options, masked):
@@ -158,6 +161,9 @@ def test_bias_false_has_no_bias():
         pytest.param((12, 4, 3), dict(dropout=1.0), "dropout", id="dropout-one"),
         pytest.param((12, 4, 3), dict(dropout=math.nan), "dropout", id="dropout-nan"),
         pytest.param((12, 4, 3), dict(dropout="0.1"), "dropout", id="dropout-str"),
+        pytest.param((12, 4, 3), dict(top_blocks=-1), "top_blocks", id="top_blocks-negative"),
+        pytest.param((12, 4, 3), dict(top_blocks=1.0), "top_blocks", id="top_blocks-float"),
+        pytest.param((12, 4, 3), dict(top_blocks=1, context_parallel_group=object()), "top_blocks", id="top-cp"),
     ],
 )
 def test_constructor_refuses(args, kwargs, match):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from globalattn import spec
 from globalattn.api import attention_weights, global_attention
+from globalattn.cache import PooledKVCache
+from globalattn.distributed import context_parallel_attention
 
 
 class GlobalAttention(nn.Module):
@@ -20,6 +24,16 @@ class GlobalAttention(nn.Module):
     >>> out, _ = layer(torch.randn(2, 100, 64))         # (B, T, E) with batch_first=True
     >>> out.shape
     torch.Size([2, 100, 64])
+
+    Causal layers decode incrementally with a ``PooledKVCache``: feed the prompt, then one token at a
+    time; the outputs are those of the whole sequence at once, from O(block_size + T / block_size)
+    cached entries instead of T.
+
+    >>> cache = PooledKVCache()
+    >>> prompt, _ = layer(torch.randn(2, 90, 64), cache=cache)
+    >>> step, _ = layer(torch.randn(2, 1, 64), cache=cache)   # position 90
+    >>> cache.length
+    91
     """
 
     def __init__(
@@ -31,9 +45,11 @@ class GlobalAttention(nn.Module):
         num_kv_heads: int | None = None,
         causal: bool = False,
         scope: str = "all",
+        top_blocks: int = 0,
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = True,
+        context_parallel_group=None,
         device=None,
         dtype=None,
     ):
@@ -48,15 +64,24 @@ class GlobalAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be True or False, got {causal!r}")
         if scope not in spec.SCOPES:
             raise ValueError(f"scope must be one of {spec.SCOPES}, got {scope!r}")
         if causal and scope == "own":
             raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(top_blocks, bool) or not isinstance(top_blocks, int) or top_blocks < 0:
+            raise ValueError(f"top_blocks must be a non-negative int (0 = no routing), got {top_blocks!r}")
+        if context_parallel_group is not None and top_blocks:
+            raise ValueError("top_blocks is not available with context_parallel_group (it reads other ranks' tokens)")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.block_size, self.causal, self.scope = block_size, causal, scope
+        self.block_size, self.causal, self.scope, self.top_blocks = block_size, causal, scope, top_blocks
+        # Context parallelism: x (and key_padding_mask) hold this rank's shard of the sequence,
+        # whole blocks (globalattn.distributed.shard_sequence); ranks exchange only the global tokens.
+        self.context_parallel_group = context_parallel_group
         self.dropout, self.batch_first = dropout, batch_first
         factory = dict(device=device, dtype=dtype)
         kv_dim = num_kv_heads * self.head_dim
@@ -66,10 +91,18 @@ class GlobalAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, need_weights: bool = False
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        cache: PooledKVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, E) (or (T, B, E) when ``batch_first=False``); ``key_padding_mask``: (B, T)
         bool, True at padding, as in ``nn.MultiheadAttention``.
+
+        ``cache`` (causal layers, inference): x holds the T positions that follow those already in
+        the cache, which receives their keys and values; the output is the last T rows of the
+        whole sequence's.  ``key_padding_mask`` then covers the T new positions.
 
         Returns ``(out, weights)``: out like x; weights (B, num_heads, T, T + G) per head (local
         columns first, then one per global token) when ``need_weights``, else None.
@@ -77,34 +110,68 @@ class GlobalAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             layout = "(B, T, E)" if self.batch_first else "(T, B, E)"
             raise ValueError(f"x must have shape {layout} with E={self.embed_dim}, got {_shape(x)}")
+        if cache is not None:
+            self._check_cache(cache, need_weights)
+        if self.context_parallel_group is not None and (cache is not None or need_weights):
+            raise ValueError("context_parallel_group supports neither cache nor need_weights (whole sequence needed)")
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, seq_len, _ = x.shape
         key_mask = None
         if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq_len):
+            if (
+                not isinstance(key_padding_mask, torch.Tensor)
+                or key_padding_mask.dtype != torch.bool
+                or tuple(key_padding_mask.shape) != (batch, seq_len)
+            ):
                 raise ValueError(
                     f"key_padding_mask must be a bool tensor of shape (B, T) = {(batch, seq_len)} (True = padding), "
-                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                    f"got {_describe(key_padding_mask)}"
                 )
             key_mask = ~key_padding_mask
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         options = dict(causal=self.causal, scope=self.scope, key_mask=key_mask)
-        out = global_attention(q, k, v, self.block_size, dropout_p=self.dropout if self.training else 0.0, **options)
+        routing = dict(top_blocks=self.top_blocks)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:
+            cache.update(k, v)
+            out = cache.attend(q, block_size=self.block_size, key_mask=key_mask)
+        elif self.context_parallel_group is not None:
+            group = self.context_parallel_group
+            out = context_parallel_attention(q, k, v, self.block_size, group=group, dropout_p=dropout_p, **options)
+        else:
+            out = global_attention(q, k, v, self.block_size, dropout_p=dropout_p, **options, **routing)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, self.embed_dim))  # (B, T, E)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        weights = attention_weights(q, k, self.block_size, **options) if need_weights else None
+        weights = attention_weights(q, k, self.block_size, **options, **routing) if need_weights else None
         return out, weights
+
+    def _check_cache(self, cache, need_weights: bool) -> None:
+        if not isinstance(cache, PooledKVCache):
+            raise ValueError(f"cache must be a globalattn PooledKVCache or None, got {type(cache).__name__}")
+        if not self.causal:
+            raise ValueError("cache needs causal=True: bidirectional tokens see later ones, so they cannot decode")
+        if need_weights:
+            raise ValueError("need_weights is not available with cache (the cache holds no full key sequence)")
+        if self.top_blocks:
+            raise ValueError("top_blocks is not available with cache (routing reads the raw tokens of every block)")
+        if self.training and self.dropout > 0:
+            raise ValueError("cache is for inference and applies no dropout: call .eval() first (dropout > 0 here)")
 
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"block_size={self.block_size}, causal={self.causal}, scope={self.scope!r}, dropout={self.dropout}"
+            f"block_size={self.block_size}, causal={self.causal}, scope={self.scope!r}, top_blocks={self.top_blocks}, "
+            f"dropout={self.dropout}"
         )
 
 
 def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

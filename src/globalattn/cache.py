@@ -1,0 +1,244 @@
+"""Incremental causal global attention: a decoding cache of O(b + S/b) entries per layer, not O(S).
+
+In causal mode a query at position p, in block c = p // b, attends to the keys of block c up to p and
+to the global tokens of the complete blocks j < c (SPEC.md).  A decoder therefore needs, per layer,
+only the keys/values of the current, unfinished block (fewer than b) and one pooled key/value per
+finished block (S // b of them): at S = 128k and b = 256, 768 entries instead of 131072.
+``PooledKVCache`` keeps exactly that.  Each step appends L new positions (a prompt, or one token)::
+
+    window  = [the current block's cached positions ; the L new ones]   (starts on a block boundary)
+    outputs = causal global attention of the new queries over the window, merged with their
+              attention to the pooled tokens of the blocks before it
+    then every block the window completed is pooled, and what is left becomes the current block
+
+which is, to rounding, the last L rows of ``global_attention(causal=True)`` over the whole sequence.
+A decode step, whose window lies in one block, runs one small softmax over [pooled tokens ; window]:
+O(b + S/b) work, with no re-pooling of the prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from globalattn import spec
+from globalattn.api import global_attention
+
+
+class PooledKVCache:
+    """One attention layer's decoding cache for causal global attention (``remainder="separate"``).
+
+    Two calls per step, in the order of a model's attention layer: store the new keys and values,
+    then attend with the new queries::
+
+        window_key, window_value = cache.update(key, value)    # key (B, Hkv, L, D), value (B, Hkv, L, Dv)
+        out = cache.attend(query, block_size=b)                # query (B, Hq, L, D) -> out (B, Hq, L, Dv)
+
+    ``out`` is the last L rows of ``global_attention(q, k, v, b, causal=True)`` over every position
+    appended so far.  ``update`` returns the window [current block ; new positions] (B, Hkv, r + L, ·),
+    for callers that hand keys to an attention function.  ``attend(key_mask=...)`` (B, L) bool marks
+    padding among the new positions (True = real), as ``global_attention``'s key_mask does.
+
+    Held between steps (``r = S mod b`` positions of the current block, ``G = S // b`` finished blocks)::
+
+        block_key, block_value   (B, Hkv, r, D), (B, Hkv, r, Dv)   the current, unfinished block
+        block_mask               (B, r) bool                        its real tokens
+        pooled_key, pooled_value (B, Hkv, G, D), (B, Hkv, G, Dv)   the mean of each finished block
+        pooled_present           (B, G) bool                        the block had a real token
+
+    >>> cache, q, k, v = PooledKVCache(), torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    >>> _ = cache.update(k[:, :, :7], v[:, :, :7]); prompt = cache.attend(q[:, :, :7], block_size=3)
+    >>> _ = cache.update(k[:, :, 7:], v[:, :, 7:]); step = cache.attend(q[:, :, 7:], block_size=3)
+    >>> torch.allclose(step, global_attention(q, k, v, 3, causal=True)[:, :, 7:], atol=1e-6)
+    True
+    >>> cache.length, cache.block_key.shape[2], cache.pooled_key.shape[2]     # 9 positions: 0 + 3 blocks
+    (9, 0, 3)
+    """
+
+    def __init__(self):
+        self.length = 0  # positions appended so far (S)
+        self.block_size: int | None = None  # fixed by the first attend
+        self.block_key = self.block_value = self.block_mask = None
+        self.pooled_key = self.pooled_value = self.pooled_present = None
+        self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # staged by update, consumed by attend
+        self.pending = 0  # new positions staged by update and not yet attended
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between steps (every stored key, value and mask)."""
+        held = (self.block_key, self.block_value, self.block_mask, self.pooled_key, self.pooled_value)
+        return sum(t.numel() * t.element_size() for t in (*held, self.pooled_present) if t is not None)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage L new positions; returns the window [current block ; new] (B, Hkv, r + L, D) and (…, Dv)."""
+        if self.pending:
+            raise RuntimeError(
+                f"update() was called again while {self.pending} positions await attend(): "
+                "every update() must be followed by one attend() with its queries"
+            )
+        for name, t in (("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor (B, Hkv, L, head_dim), got {_describe(t)}")
+        if value.shape[:3] != key.shape[:3]:
+            raise ValueError(f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])}, got {_describe(value)}")
+        if key.shape[2] == 0:
+            raise ValueError("key must hold at least one new position (L >= 1)")
+        if self.block_key is None:
+            self._start(key, value)
+        for name, new, held in (("key", key, self.block_key), ("value", value, self.block_value)):
+            if _layout(new) != _layout(held):
+                raise ValueError(
+                    f"{name} must continue the cached sequence: (B, Hkv, ·, head_dim) = "
+                    f"{(*held.shape[:2], '·', held.shape[3])}, {held.dtype} on {held.device}; got {_describe(new)}"
+                )
+        self._window = (torch.cat([self.block_key, key], dim=2), torch.cat([self.block_value, value], dim=2))
+        self.pending = key.shape[2]
+        self.length += key.shape[2]
+        return self._window
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        *,
+        block_size: int,
+        key_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Outputs (B, Hq, L, Dv) of the L staged positions, whose queries are ``query`` (B, Hq, L, D).
+
+        Then folds every block completed by this step into one pooled key/value.  ``block_size``
+        must be the same at every step; ``key_mask`` (B, L) bool, True at the new real tokens.
+        """
+        if not self.pending:
+            raise RuntimeError("attend() needs update() first: it attends with the positions update() staged")
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if self.block_size is not None and block_size != self.block_size:
+            raise ValueError(f"block_size must stay {self.block_size} (the cache's blocks), got {block_size}")
+        window_key, window_value = self._window
+        batch, kv_heads, _, head_dim = window_key.shape
+        new = self.pending
+        if (
+            not isinstance(query, torch.Tensor)
+            or query.dim() != 4
+            or (query.shape[0], query.shape[2], query.shape[3]) != (batch, new, head_dim)
+            or query.shape[1] % kv_heads
+            or (query.dtype, query.device) != (window_key.dtype, window_key.device)
+        ):
+            raise ValueError(
+                f"query must be a {window_key.dtype} tensor on {window_key.device} of shape (B={batch}, Hq, L={new}, "
+                f"D={head_dim}) (the staged positions), Hq a multiple of {kv_heads}; got {_describe(query)}"
+            )
+        if key_mask is not None and (
+            not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (batch, new)
+        ):
+            raise ValueError(
+                f"key_mask must be a bool tensor (B, L) = {(batch, new)}, True = real; got {_describe(key_mask)}"
+            )
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {scale!r}")
+        new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
+        window_mask = torch.cat([self.block_mask, new_mask.to(self.block_mask.device)], dim=1)  # (B, r + L)
+
+        if window_key.shape[2] <= block_size:
+            out = self._attend_within_one_block(query, window_key, window_value, window_mask, scale)
+        else:
+            out = self._attend_across_blocks(query, window_key, window_value, window_mask, block_size, scale)
+        self.block_size, self.pending, self._window = block_size, 0, None
+        self._fold(window_key, window_value, window_mask, block_size)
+        return out
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (LongTensor), in that order: beam search reordering, selection, repeats."""
+        if self.pending:
+            raise RuntimeError("index_batch() between update() and attend(): finish the step first")
+        for name in ("block_key", "block_value", "block_mask", "pooled_key", "pooled_value", "pooled_present"):
+            held = getattr(self, name)
+            if held is not None:
+                setattr(self, name, held.index_select(0, index.to(held.device)))
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _start(self, key, value) -> None:
+        """Empty state with the batch, heads, head dims, dtype and device of the first keys/values."""
+        batch, kv_heads = key.shape[:2]
+        self.block_key, self.pooled_key = (key.new_empty(batch, kv_heads, 0, key.shape[3]) for _ in range(2))
+        self.block_value, self.pooled_value = (value.new_empty(batch, kv_heads, 0, value.shape[3]) for _ in range(2))
+        self.block_mask, self.pooled_present = (key.new_ones(batch, 0, dtype=torch.bool) for _ in range(2))
+
+    def _attend_within_one_block(self, query, window_key, window_value, window_mask, scale):
+        # A decode step (or a prompt shorter than a block): no block ends inside the window, so the
+        # queries see no global token of the window, and one softmax over [pooled tokens ; window
+        # keys up to each query] is the whole answer.
+        q_len, width = query.shape[2], window_key.shape[2]
+        query_pos = torch.arange(width - q_len, width, device=query.device)
+        causal = torch.arange(width, device=query.device)[None] <= query_pos[:, None]  # (L, r + L)
+        local = causal[None] & window_mask[:, None, :]  # (B, L, r + L)
+        pooled = self.pooled_present[:, None, :].expand(-1, q_len, -1)  # (B, L, G)
+        out, _ = attend_segments(
+            query, [(self.pooled_key, self.pooled_value, pooled), (window_key, window_value, local)], scale
+        )
+        return out
+
+    def _attend_across_blocks(self, query, window_key, window_value, window_mask, block_size, scale):
+        # A prompt that crosses block ends: the window starts on a block boundary, so global_attention
+        # over it cuts the same blocks as over the whole sequence; the finished blocks before the window
+        # are seen by every new query, and join the same softmax through the log-sum-exp.
+        out, lse = global_attention(
+            query, window_key, window_value, block_size, causal=True, key_mask=window_mask, scale=scale, return_lse=True
+        )
+        if self.pooled_key.shape[2] == 0:
+            return out
+        pooled = self.pooled_present[:, None, :].expand(-1, query.shape[2], -1)  # (B, L, G)
+        pooled_out, pooled_lse = attend_segments(query, [(self.pooled_key, self.pooled_value, pooled)], scale)
+        return spec.merge_attentions(out, lse, pooled_out, pooled_lse)[0].to(out.dtype)
+
+    def _fold(self, window_key, window_value, window_mask, block_size) -> None:
+        """Pool the blocks this step completed; keep the rest of the window as the current block."""
+        done = window_key.shape[2] // block_size * block_size  # positions of the completed blocks
+        if done:
+            (key_means, value_means), present = spec.pool_blocks(
+                (window_key[:, :, :done], window_value[:, :, :done]), block_size, "separate", window_mask[:, :done]
+            )
+            self.pooled_key = torch.cat([self.pooled_key, key_means], dim=2)
+            self.pooled_value = torch.cat([self.pooled_value, value_means], dim=2)
+            self.pooled_present = torch.cat([self.pooled_present, present], dim=1)
+        # Copies, not views: a view would keep a long prompt's whole window alive.
+        self.block_key = window_key[:, :, done:].clone()
+        self.block_value = window_value[:, :, done:].clone()
+        self.block_mask = window_mask[:, done:].clone()
+
+
+def attend_segments(query: torch.Tensor, segments, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over the keys of several segments, for grouped query heads.
+
+    query (B, Hq, L, D); segments: ``(key (B, Hkv, N, D), value (B, Hkv, N, Dv), allowed (B, L, N) bool)``
+    each.  Returns out (B, Hq, L, Dv) in the query's dtype and lse (B, Hq, L) (float32 or better);
+    a row that may see nothing gets zeros and lse ``-inf``.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = segments[0][0].shape[1]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype).view(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)  # (B, Hkv, g, L, D)
+    keys = torch.cat([key for key, _, _ in segments], dim=2)  # (B, Hkv, N1 + N2 + ..., D)
+    values = torch.cat([value for _, value, _ in segments], dim=2)
+    allowed = torch.cat([allowed for _, _, allowed in segments], dim=-1)  # (B, L, N1 + N2 + ...)
+    scores = scale * (q @ keys[:, :, None].to(dtype).transpose(-1, -2))  # (B, Hkv, g, L, N1 + N2 + ...)
+    weights, lse = spec.masked_softmax(scores, allowed[:, None, None])
+    out = weights @ values[:, :, None].to(dtype)  # (B, Hkv, g, L, Dv)
+    return out.reshape(batch, q_heads, q_len, -1).to(query.dtype), lse.reshape(batch, q_heads, q_len)
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    """What must stay the same from step to step: batch, heads, head dim, dtype, device."""
+    return x.shape[0], x.shape[1], x.shape[3], x.dtype, x.device
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,266 @@
+"""Hugging Face ``transformers``: global attention as an ``attn_implementation``, and a decoding cache.
+
+    from globalattn.integrations.transformers import GlobalAttentionCache, register
+
+    register()                                      # attn_implementation="global_attention"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="global_attention",
+                                                 global_attention_block_size=64)
+    out = model.generate(input_ids, past_key_values=GlobalAttentionCache(), max_new_tokens=50)
+
+Every attention layer that calls ``transformers``' ``AttentionInterface`` then computes
+
+    global_attention(query, key, value, block_size, causal=module.is_causal, remainder="separate",
+                     key_mask=the 2D padding mask, scale=module's scaling)
+
+with grouped-query heads taken from the key/value head count, and the block size from the forward's
+``global_attention_block_size`` keyword or, failing that, ``config.global_attention_block_size``.
+``remainder="separate"`` in both modes: a short last block stays its own, so that a sequence's real
+tokens get the same outputs however much right padding its batch adds.  ``GlobalAttentionCache``
+keeps, per layer, O(b + S/b) entries instead of S (see ``globalattn.cache``).
+
+Needs transformers >= 4.56 (the first release with both interfaces and the per-layer ``Cache`` that
+the cache builds on).  Details, supported models and limits: docs/huggingface.md.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from globalattn.api import global_attention
+from globalattn.cache import PooledKVCache
+
+MIN_TRANSFORMERS = "4.56"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"globalattn.integrations.transformers needs transformers>={MIN_TRANSFORMERS} "
+        f"(pip install 'globalattn[hf]'); found {transformers.__version__}"
+    )
+
+BLOCK_SIZE_KEY = "global_attention_block_size"  # config attribute, or keyword of the model's forward
+# transformers hands the attention function only what ``Cache.update`` returned, so the cache marks
+# the keys it returns with the layer state that must attend with them.
+_STAGED_BY = "_globalattn_staged_by"
+
+
+def register(name: str = "global_attention") -> str:
+    """Register global attention under ``name`` with ``AttentionInterface`` and its padding-mask
+    function with ``AttentionMaskInterface`` (without the latter, models drop the padding mask).
+
+    Afterwards ``from_pretrained(..., attn_implementation=name)`` and
+    ``model.set_attn_implementation(name)`` work.  Returns ``name``.
+    """
+    if not isinstance(name, str) or not name or name == "eager":
+        raise ValueError(f"name must be a non-empty string other than 'eager', got {name!r}")
+    for interface, function in (
+        (AttentionInterface(), global_attention_forward),
+        (AttentionMaskInterface(), global_attention_mask),
+    ):
+        if interface.get(name, function) is not function:
+            raise ValueError(f"name {name!r} is already registered by another {type(interface).__name__} entry")
+    AttentionInterface.register(name, global_attention_forward)
+    AttentionMaskInterface.register(name, global_attention_mask)
+    return name
+
+
+def global_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``AttentionInterface`` function.
+
+    query (B, Hq, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv), attention_mask (B, S) bool from
+    ``global_attention_mask`` (True = real) or None.  Returns (out (B, L, Hq, Dv), None): no weights.
+    """
+    _check_layer(module, kwargs)
+    block_size = _block_size(module, kwargs)
+    # The module says whether the layer is causal: the is_causal keyword can be a hint for sdpa
+    # instead (GPT-2 in 4.x passes False for causal layers whenever a mask is given).
+    causal = getattr(module, "is_causal", None)
+    causal = kwargs.get("is_causal", True) if causal is None else causal
+    key_mask = _key_mask(module, attention_mask, key)
+    staged_by: PooledKVCache | None = getattr(key, _STAGED_BY, None)
+    if staged_by is not None:  # a GlobalAttentionCache step: key is [current block ; new positions]
+        if not causal:
+            raise ValueError(f"{_name(module)} is bidirectional; GlobalAttentionCache decodes causal layers only")
+        new_mask = None if key_mask is None else key_mask[:, -query.shape[2] :]
+        out = staged_by.attend(query, block_size=block_size, key_mask=new_mask, scale=scaling)
+    else:
+        options = dict(causal=causal, remainder="separate", key_mask=key_mask, scale=scaling, dropout_p=dropout)
+        out = global_attention(query, key, value, block_size, **options)
+    return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
+
+
+def global_attention_mask(
+    batch_size: int, kv_length: int, kv_offset: int = 0, attention_mask: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor | None:
+    """The ``AttentionMaskInterface`` function: the keys' padding mask (B, kv_length) bool, True =
+    real, or None when every key is real.
+
+    Global attention brings its own pattern (blocks, causality), so the model's mask function
+    (causal, sliding window, ...) is not used; only the 2D padding mask of the keys matters.
+    """
+    if attention_mask is None:
+        return None
+    key_mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+    if key_mask.shape[1] != kv_length:
+        raise ValueError(
+            f"the attention mask covers {attention_mask.shape[1]} positions, the keys run to {kv_offset + kv_length}: "
+            "global attention needs keys that end at the last query, as with DynamicCache or GlobalAttentionCache "
+            "(a static cache pads its keys)"
+        )
+    return None if bool(key_mask.all()) else key_mask
+
+
+class GlobalAttentionCacheLayer(CacheLayerMixin):
+    """One layer of ``GlobalAttentionCache``: a ``PooledKVCache`` behind transformers' layer API."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.state = PooledKVCache()
+
+    def lazy_initialization(self, key_states, value_states=None) -> None:
+        """Nothing to allocate ahead: the state takes its shapes from the first update."""
+
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.state.update(key_states, value_states)
+        setattr(keys, _STAGED_BY, self.state)
+        return keys, values
+
+    def get_seq_length(self, *args) -> int:
+        return self.state.length
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the keys ``update`` will return: [current block ; new positions].
+
+        ``query``: the query length (transformers 5) or the new positions (4.x)."""
+        query_length = query if isinstance(query, int) else query.shape[0]
+        fill = 0 if self.state.block_key is None else self.state.block_key.shape[2]
+        return fill + query_length, self.state.length - fill
+
+    def get_max_length(self) -> int:
+        return -1  # no maximum (transformers 5)
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # no maximum (transformers 4.x)
+
+    def reset(self) -> None:
+        self.state = PooledKVCache()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.state.index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.state.index_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state.block_key is not None:
+            batch = self.state.block_key.shape[0]
+            self.state.index_batch(torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, *args) -> None:
+        raise ValueError(
+            "GlobalAttentionCache cannot crop: finished blocks are pooled, so earlier states cannot be restored "
+            "(assisted or speculative decoding needs a DynamicCache)"
+        )
+
+
+class GlobalAttentionCache(Cache):
+    """A ``transformers`` ``Cache`` for causal models that run ``attn_implementation="global_attention"``.
+
+    Per layer, the keys/values of the current, unfinished block and one pooled key/value per
+    finished block: O(b + S/b) entries instead of the S of a ``DynamicCache``.  Greedy generation
+    gives the same tokens as without a cache.  ``nbytes``: the bytes held, all layers together.
+
+    >>> out = model.generate(input_ids, past_key_values=GlobalAttentionCache(), max_new_tokens=50)  # doctest: +SKIP
+    """
+
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=GlobalAttentionCacheLayer)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.state.nbytes for layer in self.layers)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        # A layer whose attention is not global attention never attends with what it stored; say so
+        # at the next update, before more wrong outputs are computed from it.
+        for idx in (layer_idx - 1, layer_idx):
+            if 0 <= idx < len(self.layers) and self.layers[idx].state.pending:
+                raise RuntimeError(
+                    f"GlobalAttentionCache layer {idx} stored keys that no attention used: the model must run "
+                    f"attn_implementation='global_attention' (see globalattn.integrations.transformers.register)"
+                )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of global_attention_forward: each refusal names the layer.
+
+
+def _name(module) -> str:
+    layer_idx = getattr(module, "layer_idx", None)
+    return type(module).__name__ + ("" if layer_idx is None else f" (layer {layer_idx})")
+
+
+def _check_layer(module, kwargs) -> None:
+    """Refuse the layers whose attention global attention cannot stand in for."""
+    if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
+        problem = "is cross-attention: global attention pools blocks of the query's own sequence"
+    elif kwargs.get("sliding_window") is not None:
+        problem = f"uses a sliding window ({kwargs['sliding_window']} tokens); global attention replaces full attention"
+    elif kwargs.get("softcap") is not None:
+        problem = "soft-caps its attention logits"
+    elif kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        problem = "has attention sinks"
+    elif kwargs.get("position_bias") is not None:
+        problem = "adds a position bias to its attention scores"
+    else:
+        return
+    raise ValueError(f"{_name(module)} {problem}, so it cannot use attn_implementation='global_attention'")
+
+
+def _block_size(module, kwargs) -> int:
+    size, where = kwargs.get(BLOCK_SIZE_KEY), f"the {BLOCK_SIZE_KEY}= keyword"
+    if size is None:
+        size, where = getattr(getattr(module, "config", None), BLOCK_SIZE_KEY, None), f"config.{BLOCK_SIZE_KEY}"
+    if size is None:
+        raise ValueError(
+            f"{_name(module)} needs a block size for global attention: set model.config.{BLOCK_SIZE_KEY} = 64 "
+            f"(or pass {BLOCK_SIZE_KEY}=64 to from_pretrained, which stores it in the config), or pass "
+            f"{BLOCK_SIZE_KEY}=64 to the model's forward"
+        )
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"{BLOCK_SIZE_KEY} must be a positive int, got {size!r} (from {where})")
+    return int(size)
+
+
+def _key_mask(module, attention_mask, key) -> torch.Tensor | None:
+    """The (B, S) bool padding mask of the keys, checked against them."""
+    if attention_mask is None:
+        return None
+    expected = (key.shape[0], key.shape[2])
+    if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != expected:
+        raise ValueError(
+            f"{_name(module)} got an attention mask of shape {tuple(attention_mask.shape)} ({attention_mask.dtype}); "
+            f"global attention takes the keys' 2D padding mask (B, S) = {expected}, as its registered mask function "
+            "makes it: pass a 2D attention_mask to the model, not a prepared 4D one"
+        )
+    return attention_mask
