@@ -157,7 +157,8 @@ def test_refuses_mixed_devices(moved):
 
 
 def test_public_names():
-    assert set(globalattn.__all__) == {"GlobalAttention", "attention_weights", "block_bounds", "global_attention"}
+    expected = {"GlobalAttention", "PooledKVCache", "attention_weights", "block_bounds", "global_attention"}
+    assert set(globalattn.__all__) == expected
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
