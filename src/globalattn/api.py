@@ -6,12 +6,9 @@ float scale), so that no backend repeats a check and every refusal reads the sam
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from globalattn import spec
+from globalattn import checks, spec
 from globalattn.backends import BACKENDS, choose_backend
 
 
@@ -23,9 +20,9 @@ def block_bounds(seq_len: int, block_size: int, *, remainder: str = "merge") -> 
     >>> block_bounds(16, 5, remainder="separate")
     [(0, 5), (5, 10), (10, 15), (15, 16)]
     """
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("block_size", block_size)
-    _check_choice("remainder", remainder, spec.REMAINDER_RULES)
+    checks.positive_int("seq_len", seq_len)
+    checks.positive_int("block_size", block_size)
+    checks.choice("remainder", remainder, spec.REMAINDER_RULES)
     starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
     return list(zip(starts.tolist(), ends.tolist()))
 
@@ -81,9 +78,9 @@ def global_attention(
     """
     args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     _check_value(value, key)
-    _check_unit_interval("dropout_p", dropout_p)
-    _check_bool("return_lse", return_lse)
-    _check_choice("backend", backend, ("auto", *BACKENDS))
+    checks.probability("dropout_p", dropout_p)
+    checks.boolean("return_lse", return_lse)
+    checks.choice("backend", backend, ("auto", *BACKENDS))
     name = choose_backend(query) if backend == "auto" else backend
     out, lse = BACKENDS[name](query, key, value, dropout_p=dropout_p, **args)
     return (out, lse) if return_lse else out
@@ -138,18 +135,8 @@ def _check_attention_args(query, key, block_size, causal, scope, remainder, key_
         raise ValueError(
             f"query length L={q_len} exceeds key length S={seq_len}; queries are the last L positions, so L <= S"
         )
-    _check_positive_int("block_size", block_size)
-    _check_bool("causal", causal)
-    _check_choice("scope", scope, spec.SCOPES)
-    if remainder is not None:
-        _check_choice("remainder", remainder, spec.REMAINDER_RULES)
-    if causal and remainder == "merge":
-        raise ValueError(
-            'remainder="merge" cannot be causal: a position\'s block would depend on the final sequence '
-            'length; use remainder="separate" or None'
-        )
-    if causal and scope == "own":
-        raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
+    checks.positive_int("block_size", block_size)
+    checks.mode(causal, scope, remainder)
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
             raise ValueError(f"key_mask must be a bool tensor (True = real token), got {_describe(key_mask)}")
@@ -157,19 +144,14 @@ def _check_attention_args(query, key, block_size, causal, scope, remainder, key_
             raise ValueError(f"key_mask must have shape (B, S) = {(batch, seq_len)}, got {tuple(key_mask.shape)}")
         if key_mask.device != query.device:
             raise ValueError(f"key_mask is on {key_mask.device} but query is on {query.device}; they must match")
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {scale!r}")
-    if isinstance(top_blocks, bool) or not isinstance(top_blocks, numbers.Integral) or top_blocks < 0:
-        raise ValueError(f"top_blocks must be a non-negative int (0 = no routing), got {top_blocks!r}")
+    checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
     return dict(
         block_size=int(block_size),
         causal=causal,
         scope=scope,
         remainder=spec.resolve_remainder(causal, remainder),
         key_mask=key_mask,
-        scale=float(scale),
+        scale=checks.scale(scale, head_dim),
         top_blocks=int(top_blocks),
     )
 
@@ -196,26 +178,6 @@ def _check_value(value, key) -> None:
             f"value must have shape (B, Hkv, S, Dv) = {tuple(key.shape[:3])} + (Dv >= 1,) like key, "
             f"got {tuple(value.shape)}"
         )
-
-
-def _check_positive_int(name: str, x) -> None:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
-
-
-def _check_bool(name: str, x) -> None:
-    if not isinstance(x, bool):
-        raise ValueError(f"{name} must be True or False, got {x!r}")
-
-
-def _check_choice(name: str, x, choices) -> None:
-    if not isinstance(x, str) or x not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {x!r}")
-
-
-def _check_unit_interval(name: str, x) -> None:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= x < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {x!r}")
 
 
 def _describe(x) -> str:

@@ -18,12 +18,9 @@ O(b + S/b) work, with no re-pooling of the prefix.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
-from globalattn import spec
+from globalattn import checks, spec
 from globalattn.api import global_attention
 
 
@@ -113,8 +110,7 @@ class PooledKVCache:
         """
         if not self.pending:
             raise RuntimeError("attend() needs update() first: it attends with the positions update() staged")
-        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        checks.positive_int("block_size", block_size)
         if self.block_size is not None and block_size != self.block_size:
             raise ValueError(f"block_size must stay {self.block_size} (the cache's blocks), got {block_size}")
         window_key, window_value = self._window
@@ -137,10 +133,7 @@ class PooledKVCache:
             raise ValueError(
                 f"key_mask must be a bool tensor (B, L) = {(batch, new)}, True = real; got {_describe(key_mask)}"
             )
-        if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
-        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {scale!r}")
+        scale = checks.scale(scale, head_dim)
         new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
         window_mask = torch.cat([self.block_mask, new_mask.to(self.block_mask.device)], dim=1)  # (B, r + L)
 

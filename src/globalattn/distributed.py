@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from globalattn import spec
+from globalattn import checks, spec
 from globalattn.api import global_attention
 from globalattn.backends.blocked import CHUNK_ELEMENTS
 
@@ -109,14 +109,10 @@ def shard_range(
     [range(0, 5), range(5, 16)]
     """
     for name, x in (("seq_len", seq_len), ("block_size", block_size), ("world_size", world_size)):
-        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-            raise ValueError(f"{name} must be a positive int, got {x!r}")
+        checks.positive_int(name, x)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    if causal and remainder == "merge":
-        raise ValueError('remainder="merge" cannot be causal; use remainder="separate" or None')
-    if remainder is not None and remainder not in spec.REMAINDER_RULES:
-        raise ValueError(f"remainder must be one of {spec.REMAINDER_RULES} or None, got {remainder!r}")
+    checks.mode(causal, remainder=remainder)
     starts, ends = spec.block_starts_and_ends(seq_len, block_size, spec.resolve_remainder(causal, remainder))
     blocks = starts.numel()
     if blocks < world_size:

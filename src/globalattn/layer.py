@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
-from globalattn import spec
+from globalattn import checks
 from globalattn.api import attention_weights, global_attention
 from globalattn.cache import PooledKVCache
 from globalattn.distributed import context_parallel_attention
@@ -56,26 +54,17 @@ class GlobalAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, x in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-                raise ValueError(f"{name} must be a positive int, got {x!r}")
+            checks.positive_int(name, x)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        if not isinstance(causal, bool):
-            raise ValueError(f"causal must be True or False, got {causal!r}")
-        if scope not in spec.SCOPES:
-            raise ValueError(f"scope must be one of {spec.SCOPES}, got {scope!r}")
-        if causal and scope == "own":
-            raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
-        if isinstance(top_blocks, bool) or not isinstance(top_blocks, int) or top_blocks < 0:
-            raise ValueError(f"top_blocks must be a non-negative int (0 = no routing), got {top_blocks!r}")
+        checks.positive_int("block_size", block_size)
+        checks.mode(causal, scope)
+        checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
         if context_parallel_group is not None and top_blocks:
             raise ValueError("top_blocks is not available with context_parallel_group (it reads other ranks' tokens)")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        checks.probability("dropout", dropout)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.block_size, self.causal, self.scope, self.top_blocks = block_size, causal, scope, top_blocks

@@ -1,0 +1,62 @@
+"""Argument checks shared by the public entry points (api, layer, cache, distributed).
+
+Each raises a ValueError that names the argument and says what would be valid, so that every
+refusal in the library reads the same.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from globalattn import spec
+
+
+def positive_int(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+
+
+def non_negative_int(name: str, x, meaning: str = "") -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+        raise ValueError(f"{name} must be a non-negative int{meaning}, got {x!r}")
+
+
+def boolean(name: str, x) -> None:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+
+
+def choice(name: str, x, choices) -> None:
+    if not isinstance(x, str) or x not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {x!r}")
+
+
+def probability(name: str, x) -> None:
+    """A number in [0, 1): a dropout rate."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {x!r}")
+
+
+def scale(x, head_dim: int) -> float:
+    """The softmax scale: ``x`` if a finite real number, ``1 / sqrt(head_dim)`` if None."""
+    if x is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {x!r}")
+    return float(x)
+
+
+def mode(causal, scope: str = "all", remainder: str | None = None) -> None:
+    """causal, scope and remainder, each valid and not contradicting the others (SPEC.md)."""
+    boolean("causal", causal)
+    choice("scope", scope, spec.SCOPES)
+    if remainder is not None:
+        choice("remainder", remainder, spec.REMAINDER_RULES)
+    if causal and remainder == "merge":
+        raise ValueError(
+            'remainder="merge" cannot be causal: a position\'s block would depend on the final sequence '
+            'length; use remainder="separate" or None'
+        )
+    if causal and scope == "own":
+        raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
