@@ -9,7 +9,8 @@ chunk, whatever S.
 
 Bidirectional, a tile is a whole block.  Causal, a block's queries are split into a few parts, and
 part r sees only the keys up to its end: the masked upper triangle of the block is mostly skipped
-instead of computed and thrown away.
+instead of computed and thrown away.  With ``top_blocks``, every row also scores the keys of the
+blocks it is routed to, gathered row by row.
 
 Inside a chunk the query rows are laid out (n, g, Qm): tile, query head in its group, row.  With
 that layout the grouped query heads of one key/value head share a single batched matmul, and the
@@ -37,8 +38,8 @@ def blocked_attention(
 ):
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
     seed = int(torch.randint(2**62, (1,)).item()) if dropout_p > 0 else 0
-    chunks = _plan_chunks(query, key, value, block_size, remainder, causal, scope, top_blocks)
-    starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder, query.device)
+    starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)  # planned on the CPU
+    chunks = _plan_chunks(query, key, value, starts, ends, block_size, causal, scope, top_blocks)
     options = _Options(
         causal=causal,
         scope=scope,
@@ -49,8 +50,8 @@ def blocked_attention(
         query_offset=key.shape[2] - query.shape[2],
         key_mask=key_mask,
         present=present,
-        block_starts=starts,
-        block_ends=ends,
+        block_starts=starts.to(query.device),
+        block_ends=ends.to(query.device),
         chunks=chunks,
     )
     return _BlockedAttention.apply(query, key, value, key_global, value_global, options)
@@ -90,12 +91,11 @@ class _Options:
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, value, block_size, remainder, causal, scope, top_blocks) -> list[_Chunk]:
+def _plan_chunks(query, key, value, starts, ends, block_size, causal, scope, top_blocks) -> list[_Chunk]:
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     if q_len == 0:
         return []
-    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)  # planned on the CPU
     num_global = starts.numel()
     offset = seq_len - q_len  # query row i sits at position offset + i
     parts = max(1, min(4, block_size // MIN_CAUSAL_PART)) if causal else 1
