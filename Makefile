@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint bench clean
 
-EXTRAS ?= dev,demo,hf
+EXTRAS ?= dev,demo,hf,train
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) $(EXTRAS)

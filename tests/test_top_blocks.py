@@ -29,6 +29,7 @@ GRID = [
     BASE.replace(S=27, L=20, b=5, causal=True, top_blocks=3),
     BASE.replace(scope="own"),  # no candidate: the own block is excluded
     BASE.replace(b=30),  # one block: no candidate
+    BASE.replace(L=13, S=13, b=16, causal=True),  # one block, causal: no global token at all
     BASE.replace(L=9, D=5, Dv=7, scale=0.8),
     # causal parts + routing
     Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=2 * blocked.MIN_CAUSAL_PART, causal=True, top_blocks=1),
@@ -67,6 +68,19 @@ def test_gradients_match_reference(case):
     got = grads_of(case.attend("torch", q, k, v, key_mask), (q, k, v), grad_out)
     for name, g, e in zip("qkv", got, expected):
         assert max_error(g, e) < 1e-10, name
+
+
+@pytest.mark.parametrize("case", case_params([BASE.replace(causal=True, mask="random"), BASE.replace(mask="block")]))
+def test_many_chunks_give_the_same_result(case, monkeypatch):
+    """One block per chunk: the first causal chunk sees no global token and routes nowhere."""
+    q, k, v, key_mask = case.inputs(requires_grad=True)
+    out = case.attend("torch", q, k, v, key_mask)
+    grad_out = torch.randn_like(out)
+    expected = (out, *grads_of(out, (q, k, v), grad_out))
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
+    out = case.attend("torch", q, k, v, key_mask)
+    for got, want in zip((out, *grads_of(out, (q, k, v), grad_out)), expected):
+        assert max_error(got, want) < 1e-12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

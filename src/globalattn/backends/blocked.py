@@ -343,7 +343,7 @@ class _ChunkTiles:
 
     def _gather_routed(self, x):
         index = self.routed_pos.flatten(2)[..., None].expand(-1, -1, -1, x.shape[-1])
-        return x.gather(2, index).to(self.dtype).view(*self.routed_pos.shape, -1)
+        return x.gather(2, index).to(self.dtype).view(*self.routed_pos.shape, x.shape[-1])
 
     def _scatter_routed(self, target, per_key):
         """target (B, Hkv, S, E) += per_key (B, Hkv, rows, R, E) at the routed key positions."""
