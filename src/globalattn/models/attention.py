@@ -1,0 +1,165 @@
+"""The attention variants the harness compares, chosen by name; all take and return (B, H, T, D).
+
+    dense          softmax over every key (causal: every earlier key): F.scaled_dot_product_attention
+    global         this project: own block + every block's global token (causal: own block up to
+                   the query + complete earlier blocks' global tokens)
+    global-own     the seed's literal variant: own block + its own global token (bidirectional only)
+    global-top{k}  global, and each query also reads the raw tokens of the k blocks whose global
+                   tokens score highest for it (``top_blocks=k``, SPEC.md's last section)
+    local          the same blocks as global with no global tokens: the ablation
+    sliding        a window of w keys around each query (causal: the w keys up to and including
+                   it); w is matched to global's attended-key count, so both cost the same FLOPs
+
+``local`` and ``sliding`` are exact and cheap: the sequence is cut into tiles (blocks, or chunks of
+queries with the keys their windows reach) that run as one batched SDPA call with a small mask, so
+memory is O(T * b) or O(T * w), never O(T^2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from globalattn import spec
+from globalattn.api import global_attention
+
+BASE_NAMES = ("dense", "global", "global-own", "local", "sliding")
+_TOP_BLOCKS = re.compile(r"global-top([1-9][0-9]*)")
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_name(name: str, *, causal: bool) -> None:
+    """Refuse an unknown name, or ``global-own`` on a causal task, with a ValueError."""
+    if name not in BASE_NAMES and not _TOP_BLOCKS.fullmatch(name):
+        raise ValueError(f"attention must be one of {', '.join(BASE_NAMES)} or global-top<k> (k >= 1), got {name!r}")
+    if name == "global-own" and causal:
+        raise ValueError(
+            "attention 'global-own' is bidirectional only (its own block's mean holds later tokens); "
+            "use it on a bidirectional task such as listops"
+        )
+
+
+def top_blocks_of(name: str) -> int:
+    """k of ``global-top{k}``, 0 for every other name."""
+    match = _TOP_BLOCKS.fullmatch(name)
+    return int(match.group(1)) if match else 0
+
+
+def default_block_size(context: int) -> int:
+    """The power of two b that minimises b + T/b, the keys each query scores (b ~ sqrt(T)); the
+    smaller one at a tie (T = 512: 16, not 32)."""
+    return min((2**i for i in range(context.bit_length() + 1)), key=lambda b: (b + context / b, b))
+
+
+def matched_window(context: int, block_size: int, *, causal: bool) -> int:
+    """The sliding window w whose attended pairs over a full sequence come closest to global's."""
+    remainder = spec.resolve_remainder(causal, None)
+    target = sum(spec.attended_pairs(context, block_size, causal=causal, remainder=remainder))
+    windows = torch.arange(1, context + 1)
+    left, right = _window_sides(windows, causal)
+    pairs = windows * context - left * (left + 1) // 2 - right * (right + 1) // 2  # minus the keys cut off at the ends
+    return int(windows[(pairs - target).abs().argmin()])
+
+
+def make_attention(name: str, *, causal: bool, block_size: int, window: int) -> Attention:
+    """The attention function ``(q, k, v) -> out`` of the variant ``name`` (q, k, v: (B, H, T, D))."""
+    check_name(name, causal=causal)
+    if name == "dense":
+        return partial(F.scaled_dot_product_attention, is_causal=causal)
+    if name == "local":
+        return partial(local_attention, block_size=block_size, causal=causal)
+    if name == "sliding":
+        return partial(sliding_window_attention, window=window, causal=causal)
+    scope = "own" if name == "global-own" else "all"
+    options = {"top_blocks": top_blocks_of(name)} if top_blocks_of(name) else {}
+    return partial(global_attention, block_size=block_size, causal=causal, scope=scope, **options)
+
+
+def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, window: int) -> torch.Tensor:
+    """How many keys (raw tokens and global tokens) each position attends to, an int64 tensor (T,).
+
+    For ``global-top{k}`` the routed blocks are counted at their full size b (exact when b divides T).
+    """
+    pos = torch.arange(seq_len)
+    if name == "dense":
+        return pos + 1 if causal else torch.full((seq_len,), seq_len)
+    if name == "sliding":
+        return _window_counts(seq_len, window, causal)
+    remainder = spec.resolve_remainder(causal, None)
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+    blk = spec.block_index(seq_len, block_size, remainder)
+    local = pos - starts[blk] + 1 if causal else (ends - starts)[blk]
+    if name == "local":
+        return local
+    num_blocks = len(starts)
+    if name == "global-own":
+        globals_seen = torch.ones(seq_len, dtype=torch.long)
+    else:
+        globals_seen = blk if causal else torch.full((seq_len,), num_blocks)
+    routed_blocks = (globals_seen - (0 if causal else 1)).clamp(max=top_blocks_of(name))
+    return local + globals_seen + routed_blocks * block_size
+
+
+def _window_counts(seq_len: int, window: int, causal: bool) -> torch.Tensor:
+    pos = torch.arange(seq_len)
+    left, right = _window_sides(window, causal)
+    return torch.minimum(pos + right, torch.tensor(seq_len - 1)) - (pos - left).clamp(min=0) + 1
+
+
+def _window_sides(window, causal: bool):
+    """Keys a query sees before and after itself (ints or tensors): causal all before, bidirectional centred."""
+    left = window - 1 if causal else (window - 1) // 2
+    return left, window - 1 - left
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, causal: bool):
+    """Each query attends to the keys of its own block only (causal: up to itself).
+
+    The blocks are global's (``remainder`` "separate" when causal, "merge" when not), gathered as
+    tiles of the longest block's length; slots past a block's end are masked as keys.
+    """
+    seq_len = q.shape[2]
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, spec.resolve_remainder(causal, None), q.device)
+    tile = int((ends - starts).max())
+    slots = starts[:, None] + torch.arange(tile, device=q.device)  # (G, tile) positions
+    real = slots < ends[:, None]
+    slots = slots.clamp(max=seq_len - 1)
+    mask = real[:, None, :] | torch.eye(tile, dtype=torch.bool, device=q.device)  # a padding slot sees itself
+    if causal:
+        mask = mask & torch.ones(tile, tile, dtype=torch.bool, device=q.device).tril()
+    q_t, k_t, v_t = (x[:, :, slots] for x in (q, k, v))  # (B, H, G, tile, D)
+    out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask)
+    out = torch.empty_like(q)
+    out[:, :, slots[real]] = out_t[:, :, real]
+    return out
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, causal: bool):
+    """Each query attends to the ``window`` keys nearest it: causal the last w up to itself,
+    bidirectional (w - 1) // 2 before and the rest after (fewer at the ends of the sequence).
+
+    Queries run in chunks of c = w; chunk i reads the c + w - 1 keys its windows can reach.
+    """
+    batch, heads, seq_len, head_dim = q.shape
+    left, right = _window_sides(window, causal)
+    chunk = window
+    num_chunks = -(-seq_len // chunk)
+    span = chunk + window - 1
+    padded = num_chunks * chunk
+    pad_keys = (0, 0, left, padded - seq_len + right)  # keys at positions -left .. padded + right - 1
+    k_p, v_p = F.pad(k, pad_keys), F.pad(v, pad_keys)
+    k_t, v_t = (x.unfold(2, span, chunk).transpose(-1, -2) for x in (k_p, v_p))  # (B, H, n, span, D)
+    q_t = F.pad(q, (0, 0, 0, padded - seq_len)).view(batch, heads, num_chunks, chunk, head_dim)
+    row = torch.arange(chunk, device=q.device)[:, None]
+    col = torch.arange(span, device=q.device)[None, :]
+    band = (col >= row) & (col - row <= window - 1)  # (c, span): key offset within the window
+    key_pos = torch.arange(num_chunks, device=q.device)[:, None] * chunk - left + col  # (n, span)
+    key_real = (key_pos >= 0) & (key_pos < seq_len)
+    mask = band & (key_real[:, None, :] | (col - row == left))  # (n, c, span); every slot sees itself
+    out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask)
+    return out.reshape(batch, heads, padded, head_dim)[:, :, :seq_len]

@@ -1,0 +1,211 @@
+"""A small pre-norm transformer whose attention is chosen by name (see ``attention.py``).
+
+    config = ModelConfig(vocab_size=256, context=512, attention="global")
+    lm = DecoderLM(config)                      # next-token logits (B, T, vocab), tied embeddings
+    clf = EncoderClassifier(config.replace(causal=False, num_classes=10))   # (B, num_classes)
+
+Every variant has exactly the same parameters: the attention functions have none of their own.
+RoPE rotates queries and keys before the attention, so ``global``'s global tokens are means of
+rotated keys (what the library computes from the keys it is given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from globalattn.models.attention import (
+    check_name,
+    default_block_size,
+    keys_per_token,
+    make_attention,
+    matched_window,
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context: int  # longest sequence (RoPE table; sets the default block size and window)
+    attention: str = "dense"
+    causal: bool = True
+    block_size: int | None = None  # None: a power of two near sqrt(context) (attention.default_block_size)
+    window: int | None = None  # sliding only; None: matched to global's attended-key count
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    num_classes: int | None = None  # EncoderClassifier only
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        check_name(self.attention, causal=self.causal)
+        for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model ({self.d_model}) / n_head ({self.n_head}) must be an even integer (RoPE pairs)")
+        for name in ("block_size", "window"):
+            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= self.context:
+                raise ValueError(f"{name} must be between 1 and the context {self.context}, got {getattr(self, name)}")
+
+    @property
+    def resolved_block_size(self) -> int:
+        return self.block_size or default_block_size(self.context)
+
+    @property
+    def resolved_window(self) -> int:
+        return self.window or matched_window(self.context, self.resolved_block_size, causal=self.causal)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def attention_cost(self, seq_len: int | None = None) -> dict:
+        """Mean attended keys per token and forward attention FLOPs per sequence (SPEC.md's count:
+        4 * head_dim multiply-adds per query-key pair and head, all layers)."""
+        seq_len = seq_len or self.context
+        keys = keys_per_token(
+            self.attention,
+            seq_len,
+            causal=self.causal,
+            block_size=self.resolved_block_size,
+            window=self.resolved_window,
+        )
+        flops = 4 * int(keys.sum()) * self.d_model * self.n_layer
+        return {"keys_per_token": float(keys.double().mean()), "attention_flops": flops}
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates pairs of channels (first half, second half) by position-dependent angles."""
+
+    def __init__(self, head_dim: int, context: int, base: float):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, hd)
+        seq_len = x.shape[2]
+        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.rope = RotaryEmbedding(config.d_model // config.n_head, config.context, config.rope_base)
+        self.attend = make_attention(
+            config.attention,
+            causal=config.causal,
+            block_size=config.resolved_block_size,
+            window=config.resolved_window,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+        batch, seq_len, channels = x.shape
+        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        y = self.attend(self.rope(q), self.rope(k), v)  # (B, H, T, hd)
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, seq_len, channels)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model, bias=False)
+        self.down = nn.Linear(4 * config.d_model, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.norm2 = nn.RMSNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """Token embedding, the blocks, a final norm: (B, T) token ids -> (B, T, C) features."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):  # residual outputs: GPT-2's 1/sqrt(2 * layers)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.config.context:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds the model's context {self.config.context}")
+        x = self.dropout(self.embed(tokens))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class DecoderLM(nn.Module):
+    """Causal language model: logits for the next token at every position, output tied to the embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.causal:
+            raise ValueError("DecoderLM needs a causal config (causal=True)")
+        self.config = config
+        self.transformer = Transformer(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab)
+        return self.transformer(tokens) @ self.transformer.embed.weight.T
+
+
+class EncoderClassifier(nn.Module):
+    """Bidirectional encoder: the mean of the real tokens' features, then a linear classifier."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.causal or not config.num_classes:
+            raise ValueError("EncoderClassifier needs causal=False and num_classes >= 1")
+        self.config = config
+        self.transformer = Transformer(config)
+        self.head = nn.Linear(config.d_model, config.num_classes)
+
+    def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T); real (B, T) bool, False at padding (attended as ordinary tokens, not pooled)."""
+        x = self.transformer(tokens)  # (B, T, C)
+        weights = real.to(x.dtype).unsqueeze(-1)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, C)
+        return self.head(pooled)
+
+
+def build_model(config: ModelConfig) -> DecoderLM | EncoderClassifier:
+    return DecoderLM(config) if config.causal else EncoderClassifier(config)

@@ -1,0 +1,67 @@
+"""What every task provides: deterministic batches by (seed, split, index), and how they are scored.
+
+A batch is a dict of tensors with one row per example:
+
+    tokens   (B, T) int64   the model's input
+    targets  (B, T) int64   causal tasks: the next token to predict, IGNORE where there is no loss
+    labels   (B,)   int64   classification tasks: the class
+    real     (B, T) bool    classification tasks: False at padding (not pooled)
+
+Batch ``index`` of a split is a pure function of (seed, split, index): a resumed run, a second
+process in data-parallel training and a rerun all see the same data without any sampler state.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import torch
+
+IGNORE = -100  # targets that carry no loss (F.cross_entropy's ignore_index)
+SPLITS = ("train", "val")
+
+
+class Task:
+    """A causal task (decoder, next-token targets) or a classification task (encoder, labels)."""
+
+    name: str
+    causal: bool = True
+    vocab_size: int
+    num_classes: int | None = None
+    metric: str = "accuracy"  # "bpc" (bits per character, lower is better) or "accuracy"
+    exact_match: bool = False  # accuracy counts whole examples (every target right), not target tokens
+
+    def __init__(self, context: int, seed: int = 0):
+        if context < 1:
+            raise ValueError(f"context must be a positive int, got {context!r}")
+        self.context, self.seed = context, seed
+
+    def batch(self, split: str, index: int, size: int) -> dict[str, torch.Tensor]:
+        """Batch ``index`` of ``split``: ``size`` examples, the same every time it is asked for."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.make_batch(split, index, size)
+
+    def make_batch(self, split: str, index: int, size: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What a results table should record about the data (corpus checksums, held-out parts)."""
+        return {}
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def torch_generator(self, split: str, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_mix(self.seed, split, index))
+
+    def python_random(self, split: str, index: int) -> random.Random:
+        return random.Random(_mix(self.seed, split, index))
+
+
+def _mix(seed: int, split: str, index: int) -> int:
+    """A stable 63-bit seed for (seed, split, index) (Python's hash() is salted per process)."""
+    text = f"{seed}/{split}/{index}".encode()
+    return (zlib.crc32(text) << 31) ^ zlib.adler32(text)

@@ -1,0 +1,420 @@
+"""Train one small transformer on one task, with checkpoints that resume exactly.
+
+    globalattn train --task shakespeare --attention global --context 512 --steps 300 --out runs/sh-global
+    globalattn train ... --out runs/sh-global --resume        # continue from the last checkpoint
+    torchrun --nproc_per_node=8 -m globalattn train ...       # the same options, data-parallel (DDP)
+
+    from globalattn.train import TrainConfig, train
+    summary = train(TrainConfig(task="mqar", attention="dense", context=256, steps=100))
+
+Every ``eval_every`` steps (and at the end) the run evaluates on fixed validation batches, writes
+``metrics.json`` and a checkpoint into ``--out``.  The batch of step s is a pure function of
+(seed, s) (see ``tasks.base``) and the learning rate one of s, so a run resumed from its checkpoint
+(weights, optimizer state, RNG state, history) ends bitwise where the uninterrupted run ends, on
+the same device.  A non-finite loss or gradient stops the run before the update that would spread
+it, with the last good checkpoint kept.
+
+Data-parallel: each of the W processes takes B / W rows of the same global batch, and the loss of
+each is scaled so that the averaged gradient is that of the whole batch: W processes train as one
+would, to rounding.  ``--fsdp`` shards parameters and optimizer state (FSDP2) for large models.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from globalattn.models import ModelConfig, build_model
+from globalattn.tasks import IGNORE, Task, make_task
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+METRICS = "metrics.json"
+DISTRIBUTED_TIMEOUT = timedelta(minutes=10)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str
+    attention: str
+    context: int
+    steps: int = 200
+    batch: int = 16  # global batch: sequences per step over all processes
+    lr: float = 3e-3
+    seed: int = 0
+    # the model
+    d_model: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    block_size: int | None = None  # None: a power of two near sqrt(context) (attention.default_block_size)
+    window: int | None = None  # sliding; None: matched to global's attended-key count
+    dropout: float = 0.0
+    precision: str = "fp32"  # or "bf16": matmuls and attention under bfloat16 autocast (weights stay fp32)
+    # the optimisation: AdamW, linear warm-up then cosine decay to lr / 10
+    warmup: int | None = None  # None: steps // 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50  # also checkpoints then
+    eval_examples: int = 64  # validation sequences per evaluation (whole batches: rounded up)
+
+    def __post_init__(self):
+        for name in ("context", "steps", "batch", "eval_every", "eval_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def model_config(self, task: Task) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=task.vocab_size,
+            context=self.context,
+            attention=self.attention,
+            causal=task.causal,
+            block_size=self.block_size,
+            window=self.window,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            d_model=self.d_model,
+            dropout=self.dropout,
+            num_classes=task.num_classes,
+        )
+
+    def lr_at(self, step: int) -> float:
+        warmup = self.steps // 10 if self.warmup is None else self.warmup
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the run stopped before updating on it."""
+
+
+def train(
+    config: TrainConfig,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    fsdp: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Train, evaluate and checkpoint as the module docstring says; returns the run's summary (what
+    ``metrics.json`` holds): config, data, model size, attention cost, history and final metrics."""
+    out = Path(out) if out is not None else None
+    rank, world, device = _init_distributed(device)
+    if config.batch % world:
+        raise ValueError(f"batch ({config.batch}) must be a multiple of the number of processes ({world})")
+    task = make_task(config.task, config.context, config.seed)
+    model_config = config.model_config(task)
+    torch.manual_seed(config.seed)  # the same initial weights in every process and every attention variant
+    model = build_model(model_config).to(device)
+    wrapped = _wrap_for_distributed(model, world, device, fsdp)
+    optimizer = _make_optimizer(model, config)
+
+    summary = {
+        "config": dataclasses.asdict(config),
+        "data": {"task": task.name, "metric": task.metric, **task.describe()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "block_size": model_config.resolved_block_size,
+        **({"window": model_config.resolved_window} if config.attention == "sliding" else {}),
+        **model_config.attention_cost(),
+        "world_size": world,
+        "device": str(device),
+        "history": [],
+        "train_seconds": 0.0,
+        "step": 0,
+    }
+    if out is not None:
+        checkpoint = _latest_checkpoint(out)
+        if checkpoint is not None and not resume:
+            raise ValueError(f"{out} already holds a checkpoint (step {checkpoint[0]}); pass --resume or another --out")
+        if checkpoint is not None:
+            summary = _load_checkpoint(checkpoint[1], wrapped, optimizer, summary)
+
+    bar = _progress_bar(config.steps, summary["step"], enabled=progress and rank == 0)
+    losses, tokens_per_step = [], config.batch * config.context
+    while summary["step"] < config.steps:
+        step = summary["step"]
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step)
+        try:
+            loss = _train_step(wrapped, optimizer, task, config, step, rank, world, device)
+        except NonFiniteLoss as stop:
+            kept = _latest_checkpoint(out) if out is not None else None
+            where = f"the last good checkpoint (step {kept[0]}) is kept in {kept[1]}" if kept else "no checkpoint kept"
+            raise NonFiniteLoss(f"{stop}; training stopped, {where}") from None
+        summary["train_seconds"] += time.perf_counter() - started
+        summary["step"] = step + 1
+        losses.append(loss)
+        if summary["step"] % config.eval_every == 0 or summary["step"] == config.steps:
+            summary["history"].append(
+                {
+                    "step": summary["step"],
+                    "train_seconds": round(summary["train_seconds"], 3),
+                    "train_loss": sum(losses) / len(losses),
+                    **evaluate(model, task, config, device),
+                }
+            )
+            losses = []
+            if out is not None:
+                _save_checkpoint(out, wrapped, optimizer, summary, rank)
+        bar.update(1)
+        last_val = f"{summary['history'][-1]['metric']:.3f}" if summary["history"] else "-"
+        throughput = summary["step"] * tokens_per_step / max(summary["train_seconds"], 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", val=last_val, tok_s=f"{throughput:.0f}")
+    bar.close()
+    summary["final"] = summary["history"][-1] if summary["history"] else None
+    summary["tokens_per_second"] = summary["step"] * tokens_per_step / max(summary["train_seconds"], 1e-9)
+    if out is not None and rank == 0:
+        _write_json_atomically(out / METRICS, summary)
+    return summary
+
+
+def _train_step(wrapped, optimizer, task, config, step, rank, world, device) -> float:
+    """One update on the global batch of ``step``; returns the global batch's mean loss."""
+    batch = task.batch("train", step, config.batch)
+    count = _loss_count(task, batch)
+    rows = config.batch // world
+    local = {k: v[rank * rows : (rank + 1) * rows].to(device) for k, v in batch.items()}
+    loss_sum = loss_sum_of(task, logits_of(wrapped, task, local, config.precision), local)
+    (loss_sum * (world / count)).backward()  # DDP averages over processes: the sum of all / count
+    loss = loss_sum.detach()
+    if world > 1:
+        dist.all_reduce(loss)
+    loss = float(loss) / count
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteLoss(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def logits_of(model, task: Task, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    """(B, T, vocab) next-token logits (causal tasks) or (B, classes) class logits."""
+    device_type = batch["tokens"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model(batch["tokens"]) if task.causal else model(batch["tokens"], batch["real"])
+
+
+def loss_sum_of(task: Task, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the batch's scored targets (causal) or labels (classification)."""
+    if task.causal:
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), reduction="sum")
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+def _loss_count(task: Task, batch) -> int:
+    return int((batch["targets"] != IGNORE).sum()) if task.causal else len(batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, config: TrainConfig, device) -> dict:
+    """Validation loss and metric on the fixed "val" batches 0, 1, ... of ``config.batch`` sequences,
+    enough of them for ``eval_examples`` sequences.
+
+    bpc: mean loss / ln 2.  accuracy: argmax right at each scored target (each label), or, for an
+    exact-match task, at every target of the example.  Passkey adds ``accuracy_by_depth``.
+    """
+    model.eval()
+    loss_sum, loss_count, correct, depths = 0.0, 0, [], []
+    for index in range(-(-config.eval_examples // config.batch)):
+        batch = {k: v.to(device) for k, v in task.batch("val", index, config.batch).items()}
+        logits = logits_of(model, task, batch, config.precision)
+        loss_sum += float(loss_sum_of(task, logits, batch))
+        loss_count += _loss_count(task, batch)
+        if task.causal:
+            scored = batch["targets"] != IGNORE
+            hits = (logits.argmax(-1) == batch["targets"]) | ~scored
+            correct.append(hits.all(1) if task.exact_match else hits[scored])
+        else:
+            correct.append(logits.argmax(-1) == batch["labels"])
+        if "depth" in batch:
+            depths.append(batch["depth"])
+    model.train()
+    loss = loss_sum / loss_count
+    correct = torch.cat(correct).cpu()
+    result = {"val_loss": loss, "metric": loss / math.log(2) if task.metric == "bpc" else float(correct.float().mean())}
+    if depths:
+        from globalattn.tasks.passkey import accuracy_by_depth
+
+        result["accuracy_by_depth"] = accuracy_by_depth(correct, torch.cat(depths).cpu())
+    return result
+
+
+def _make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms and biases do not (the embedding is a matrix: it decays)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+
+
+def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=DISTRIBUTED_TIMEOUT)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, torch.device(device)
+
+
+def _wrap_for_distributed(model, world: int, device: torch.device, fsdp: bool):
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: out/checkpoints/step-NNNNNNNN/{model,optimizer}.safetensors + state.json, and
+# out/checkpoints/latest.json naming the complete one.  A checkpoint is written into a temporary
+# folder that is renamed into place, and latest.json is replaced atomically only after that: a run
+# killed mid-save leaves the previous checkpoint named and whole.  Nothing is ever unpickled.
+
+
+def _save_checkpoint(out: Path, model, optimizer, summary: dict, rank: int) -> None:
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)  # every process takes part (FSDP gathers)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:
+        return
+    root = out / CHECKPOINTS
+    name = f"step-{summary['step']:08d}"
+    staging = root / f"{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tensors = {f"{fqn}/{key}": value for fqn, state in optimizer_state["state"].items() for key, value in state.items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, staging / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, staging / "optimizer.safetensors")
+    state = {
+        "summary": summary,
+        "param_groups": optimizer_state["param_groups"],
+        "rng": {"cpu": _encode(torch.get_rng_state())},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng"]["cuda"] = _encode(torch.cuda.get_rng_state())
+    (staging / "state.json").write_text(json.dumps(state))
+    for path in staging.iterdir():
+        _fsync(path)
+    shutil.rmtree(root / name, ignore_errors=True)
+    os.replace(staging, root / name)
+    _write_json_atomically(root / LATEST, {"step": summary["step"], "path": name})
+    _write_json_atomically(out / METRICS, summary)
+    for old in root.iterdir():  # earlier checkpoints, and leftovers of a save that was killed
+        if old.is_dir() and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
+    pointer = out / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return None
+    latest = json.loads(pointer.read_text())
+    return latest["step"], out / CHECKPOINTS / latest["path"]
+
+
+def _load_checkpoint(path: Path, model, optimizer, summary: dict) -> dict:
+    """Restore weights, optimizer state and RNG state; returns the saved summary (step, history)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    state = json.loads((path / "state.json").read_text())
+    saved = state["summary"]
+    if saved["config"] != summary["config"]:
+        changed = sorted(k for k in saved["config"] if saved["config"][k] != summary["config"].get(k))
+        raise ValueError(f"cannot resume from {path}: it was trained with other settings ({', '.join(changed)})")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        fqn, name = key.rsplit("/", 1)
+        per_param.setdefault(fqn, {})[name] = value
+    set_optimizer_state_dict(
+        model, optimizer, {"state": per_param, "param_groups": state["param_groups"]}, options=options
+    )
+    torch.set_rng_state(_decode(state["rng"]["cpu"]))
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["rng"]["cuda"]))
+    return {**saved, "world_size": summary["world_size"], "device": summary["device"]}
+
+
+def _encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _write_json_atomically(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(data, indent=1))
+    _fsync(staging)
+    os.replace(staging, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm's bar (ETA, rate) when wanted and installed; otherwise a stand-in that does nothing."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **values):
+        pass
+
+    def close(self):
+        pass

@@ -1,0 +1,141 @@
+"""The comparison grid: n/a cells, tables, plots, presets, and continuing an interrupted grid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from globalattn.cli import main
+from globalattn.compare import ATTENTIONS, PRESETS, Preset, compare, results_markdown
+
+TINY = Preset(
+    tasks=("mqar", "listops"),
+    contexts=(64,),
+    attentions=("dense", "global-own"),
+    seeds=(0,),
+    steps=2,
+    tokens_per_step=128,
+    options=dict(d_model=16, n_layer=1, n_head=2),
+    eval_every=1,
+    eval_examples=1,
+)
+
+
+def test_grid_runs_tabulates_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    logged = []
+    report = compare(TINY, tmp_path, progress=False, log=logged.append)
+    cells = {(r["task"], r["attention"]): r for r in report["runs"]}
+    assert cells[("mqar", "global-own")]["status"] == "n/a" and cells[("listops", "global-own")]["status"] == "ok"
+    assert len(cells[("listops", "dense")]["history"]) == 2 and cells[("listops", "dense")]["config"]["batch"] == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| mqar | accuracy | 64 |" in table and "n/a" in table
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["task"] == "mqar"
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "final-by-context.png",
+        "listops-by-step.png",
+        "listops-by-time.png",
+        "mqar-by-step.png",
+        "mqar-by-time.png",
+    ]
+    assert len(logged) == 3  # three runs; the n/a cell trains nothing
+
+    again = compare(TINY, tmp_path, progress=False, log=logged.append)  # finished runs are kept, not retrained
+    assert [r.get("history") for r in again["runs"]] == [r.get("history") for r in report["runs"]]
+
+
+def run(task, attention, metric, context=256, seed=0):
+    history = [{"step": 1, "train_seconds": 1.0, "metric": metric}]
+    return {
+        "task": task,
+        "context": context,
+        "attention": attention,
+        "seed": seed,
+        "status": "ok",
+        "final": history[0],
+        "history": history,
+        "keys_per_token": 16.0,
+        "train_seconds": 2.0,
+    }
+
+
+def test_table_marks_the_best_of_each_row_by_the_metric_direction():
+    results = [
+        run("shakespeare", "dense", 2.5),
+        run("shakespeare", "global", 2.4),
+        run("mqar", "dense", 0.9),
+        run("mqar", "global", 0.2),
+        run("mqar", "global", 0.4, seed=1),
+        {"task": "mqar", "context": 256, "attention": "global-own", "seed": 0, "status": "n/a"},
+        {"task": "mqar", "context": 256, "attention": "local", "seed": 0, "status": "failed", "error": "Boom: x"},
+    ]
+    table = results_markdown(results)
+    assert "| shakespeare | bpc | 256 | 2.500 | **2.400** |  |" in table  # lower bpc is better
+    assert "| mqar | accuracy | 256 | **0.900** | 0.300 ± 0.141 | n/a | failed |" in table
+    assert "- mqar T=256 local seed 0: Boom: x" in table
+
+
+def test_a_run_that_fails_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    import globalattn.compare as comparing
+
+    real_train = comparing.train
+
+    def broken_global_own(config, **kwargs):
+        if config.attention == "global-own":
+            raise RuntimeError("kernel exploded")
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(comparing, "train", broken_global_own)
+    report = compare(TINY, tmp_path, progress=False, log=lambda line: None)
+    assert [r["status"] for r in report["runs"]] == ["ok", "n/a", "ok", "failed"]
+    assert "RuntimeError: kernel exploded" in (tmp_path / "results.md").read_text()
+
+
+def test_presets_compare_all_five_attentions_on_a_bidirectional_task():
+    for preset in PRESETS.values():
+        measured = [r for r in preset.runs() if not isinstance(r, tuple)]
+        assert {r.attention for r in measured} >= set(ATTENTIONS)
+        assert {r.attention for r in measured if r.task == "listops"} >= set(ATTENTIONS)  # global-own is measured
+        assert "global-top2" in {r.attention for r in measured if r.task == "mqar"}
+        assert len({r.batch * r.context for r in measured if r.task == "shakespeare"}) == 1  # tokens per step
+    assert max(PRESETS["cpu-small"].contexts) <= 1024
+
+
+def test_narrowing_a_preset_narrows_each_task_too():
+    narrowed = PRESETS["cpu-small"].narrowed(
+        tasks=["mqar"], contexts=[256], attentions=["dense", "global-top2"], steps=3
+    )
+    runs = narrowed.runs()
+    assert [(r.task, r.context, r.attention, r.steps) for r in runs] == [
+        ("mqar", 256, "dense", 3),
+        ("mqar", 256, "global-top2", 3),
+    ]
+
+
+def test_cli_compare_narrows_the_preset(tmp_path, monkeypatch):
+    import globalattn.compare as comparing
+
+    seen = {}
+    monkeypatch.setattr(
+        comparing, "compare", lambda preset, out, **kw: seen.update(preset=preset) or {"runs": [], "wall_seconds": 0.0}
+    )
+    argv = [
+        "compare",
+        "--preset",
+        "cpu-small",
+        "--tasks",
+        "mqar",
+        "--contexts",
+        "256",
+        "--attentions",
+        "dense",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert seen["preset"] == PRESETS["cpu-small"].narrowed(
+        tasks=["mqar"], contexts=[256], attentions=["dense"], steps=3
+    )

@@ -1,0 +1,131 @@
+"""The tasks: deterministic batches, and data that is what each generator claims."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from globalattn.tasks import IGNORE, TASKS, make_task
+from globalattn.tasks.listops import OPERATORS, PAD, VOCAB
+from globalattn.tasks.passkey import DIGITS, accuracy_by_depth
+from globalattn.tasks.text import STDLIB_MODULES
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_batches_are_a_function_of_seed_split_and_index(name):
+    task, same, other_seed = make_task(name, 128, seed=3), make_task(name, 128, seed=3), make_task(name, 128, seed=4)
+    first = task.batch("train", 5, 4)
+    for key, value in same.batch("train", 5, 4).items():
+        assert torch.equal(first[key], value), key
+    assert first["tokens"].shape == (4, 128) and first["tokens"].dtype == torch.long
+    assert int(first["tokens"].max()) < task.vocab_size and int(first["tokens"].min()) >= 0
+    assert not torch.equal(first["tokens"], task.batch("train", 6, 4)["tokens"])
+    assert not torch.equal(first["tokens"], task.batch("val", 5, 4)["tokens"])
+    if name not in ("shakespeare", "pystdlib"):  # the text corpora do not depend on the seed, only the windows
+        assert not torch.equal(first["tokens"], other_seed.batch("train", 5, 4)["tokens"])
+    with pytest.raises(ValueError, match="split"):
+        task.batch("test", 0, 1)
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_task("imagenet", 128)
+
+
+def test_mqar_answers_are_the_stored_values():
+    task = make_task("mqar", 256, seed=int(torch.randint(1000, ())))
+    batch = task.batch("train", 0, 8)
+    pairs, half = task.num_pairs, task.vocab_size // 2
+    for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
+        keys, values = tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and all(1 <= k < half for k in keys)
+        assert all(half <= v < task.vocab_size for v in values)
+        stored = dict(zip(keys, values))
+        scored = [i for i, t in enumerate(targets) if t != IGNORE]
+        assert len(scored) == pairs and min(scored) >= 2 * pairs
+        for i in scored:  # at a query the input is a stored key and the target its value
+            assert tokens[i] in stored and targets[i] == stored[tokens[i]]
+        assert sorted(tokens[i] for i in scored) == sorted(keys)  # every key asked once
+        assert all(tokens.count(k) == 2 for k in keys)  # the filler plants no decoy copies of a key
+
+
+def test_mqar_gaps_favour_short_distances():
+    task = make_task("mqar", 1024, seed=0)
+    targets = task.batch("train", 0, 64)["targets"]
+    positions = (targets != IGNORE).nonzero()[:, 1].float()
+    assert positions.median() < 512, "Zoology's power law puts most queries early"
+
+
+def evaluate_listops(tokens: list[str]) -> int:
+    """An independent evaluator: a stack of (operator, arguments)."""
+    stack = [("ROOT", [])]
+    for token in tokens:
+        if token in OPERATORS:
+            stack.append((token, []))
+        elif token == "]":
+            operator, args = stack.pop()
+            value = {
+                "[MIN": min,
+                "[MAX": max,
+                "[SM": lambda a: sum(a) % 10,
+                "[MED": lambda a: int(statistics.median(a)),
+            }[operator](args)
+            stack[-1][1].append(value)
+        else:
+            stack[-1][1].append(int(token))
+    assert len(stack) == 1 and len(stack[0][1]) == 1
+    return stack[0][1][0]
+
+
+def test_listops_labels_are_the_values_of_the_expressions():
+    task = make_task("listops", 128, seed=int(torch.randint(1000, ())))
+    batch = task.batch("train", 0, 16)
+    assert batch["labels"].unique().numel() > 1
+    for tokens, real, label in zip(batch["tokens"].tolist(), batch["real"].tolist(), batch["labels"].tolist()):
+        length = sum(real)
+        assert 128 // 4 <= length <= 128
+        assert all(t != PAD for t in tokens[:length]) and all(t == PAD for t in tokens[length:])  # padded at the end
+        expression = [VOCAB[t] for t in tokens[:length]]
+        assert expression[0] in OPERATORS
+        assert evaluate_listops(expression) == label
+
+
+def test_passkey_asks_for_the_hidden_number():
+    task = make_task("passkey", 300, seed=1)
+    batch = task.batch("val", 0, 8)
+    for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
+        text = bytes(tokens + [targets[-1]]).decode()
+        key = text[-DIGITS:]
+        assert key.isdigit() and f"The pass key is {key}. Remember it. {key} is the pass key." in text
+        assert text.endswith(f"What is the pass key? The pass key is {key}")
+        assert all(t == IGNORE for t in targets[:-DIGITS]) and bytes(targets[-DIGITS:]).decode() == key
+    needle_at = torch.tensor([bytes(t).decode().index("The pass key") for t in batch["tokens"].tolist()])
+    assert (needle_at - batch["depth"] * task.filler_len).abs().max() <= 1  # depth 1: just before the question
+    assert batch["depth"].unique().numel() == 8
+
+
+def test_accuracy_by_depth_bins():
+    correct = torch.tensor([True, False, True, True])
+    depths = torch.tensor([0.05, 0.1, 0.5, 0.99])
+    assert accuracy_by_depth(correct, depths, bins=2) == [0.5, 1.0]
+
+
+def test_text_validation_holds_out_whole_documents():
+    task = make_task("shakespeare", 256)
+    assert len(task.val_names) == 4 and len(task.train_text) > 4_000_000
+    train_text = bytes(task.train_text.tolist())
+    val_text = bytes(task.val_text.tolist())
+    assert b"# The Tempest" in val_text and b"# The Tempest" not in train_text
+    for split, text in (("train", train_text), ("val", val_text)):
+        for row in task.batch(split, 0, 4)["tokens"].tolist():
+            assert bytes(row) in text
+
+
+def test_pystdlib_corpus_is_pinned_and_checksummed():
+    assert list(STDLIB_MODULES) == sorted(STDLIB_MODULES)
+    task = make_task("pystdlib", 512)
+    assert task.describe()["sha256"] == make_task("pystdlib", 256).describe()["sha256"]
+    assert len(task.val_names) == len(STDLIB_MODULES) // 10
+    assert b"def " in bytes(task.batch("val", 0, 8)["tokens"].flatten().tolist())

@@ -1,0 +1,243 @@
+"""The training loop: learning, exact resume (also after a save that was killed), NaN stops,
+data-parallel training on two gloo processes, and the ``globalattn train`` command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from globalattn import train as training
+from globalattn.cli import main
+from globalattn.train import NonFiniteLoss, TrainConfig, train
+
+TINY = TrainConfig(
+    task="shakespeare",
+    attention="global",
+    context=32,
+    steps=6,
+    batch=4,
+    lr=1e-2,
+    d_model=16,
+    n_layer=1,
+    n_head=2,
+    eval_every=3,
+    eval_examples=1,
+)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    return load_file(out / "checkpoints" / latest["path"] / "model.safetensors")
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two summaries of the same run: the same history (training time apart)."""
+    strip = [{k: v for k, v in h.items() if k != "train_seconds"} for h in a["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "train_seconds"} for h in b["history"]]
+
+
+@pytest.mark.parametrize(
+    "task,attention",
+    [
+        ("shakespeare", "dense"),
+        ("shakespeare", "global"),
+        ("mqar", "sliding"),
+        ("listops", "global-own"),
+        ("passkey", "local"),
+    ],
+)
+def test_loss_goes_down(task, attention):
+    context = 128 if task == "passkey" else 64
+    config = dataclasses.replace(
+        TINY, task=task, attention=attention, context=context, steps=30, batch=8, d_model=32, eval_every=15
+    )
+    history = train(config)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.05, history
+    assert all(0 <= h["metric"] for h in history)
+
+
+def test_bf16_autocast_trains_close_to_fp32():
+    config = dataclasses.replace(TINY, steps=4, eval_every=4)
+    fp32, bf16 = train(config), train(dataclasses.replace(config, precision="bf16"))
+    assert bf16["final"]["val_loss"] == pytest.approx(fp32["final"]["val_loss"], rel=0.02)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dataclasses.replace(config, precision="fp8")
+
+
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+    straight = train(TINY, out=tmp_path / "straight")
+
+    real_step = training._train_step
+
+    def stop_after_four(wrapped, optimizer, task, config, step, *args):
+        if step == 4:
+            raise KeyboardInterrupt  # killed between checkpoints: steps 4 and 5 are lost
+        return real_step(wrapped, optimizer, task, config, step, *args)
+
+    monkeypatch.setattr(training, "_train_step", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, out=tmp_path / "resumed")
+    monkeypatch.setattr(training, "_train_step", real_step)
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    resumed = train(TINY, out=tmp_path / "resumed", resume=True)
+    assert_same_run(straight, resumed)
+    for name, tensor in final_weights(tmp_path / "straight").items():
+        assert torch.equal(tensor, final_weights(tmp_path / "resumed")[name]), name
+
+
+KILLED_MID_SAVE = """
+import json, os, signal, sys
+from pathlib import Path
+import safetensors.torch
+from globalattn.train import TrainConfig, train
+
+real_save = safetensors.torch.save_file
+
+def save_then_die(tensors, path, *args, **kwargs):
+    if "step-00000006" in str(path) and Path(path).name == "optimizer.safetensors":
+        Path(path).write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(tensors, path, *args, **kwargs)
+
+safetensors.torch.save_file = save_then_die
+train(TrainConfig(**json.loads(sys.argv[1])), out=sys.argv[2])
+"""
+
+
+def test_a_run_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    """SIGKILL while the second checkpoint's optimizer file is half written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_SAVE, json.dumps(dataclasses.asdict(TINY)), str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006.tmp" / "optimizer.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    assert final_weights(tmp_path / "run")  # the named checkpoint is whole
+    resumed = train(TINY, out=tmp_path / "run", resume=True)
+    assert_same_run(train(TINY), resumed)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest.json", "step-00000006"]
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss = training.loss_sum_of
+    calls = {"n": 0}
+
+    def nan_at_fifth_step(task, logits, batch):
+        calls["n"] += 1
+        loss = real_loss(task, logits, batch)
+        return loss * float("nan") if logits.requires_grad and calls["n"] >= 6 else loss  # 6th call: step 5
+
+    monkeypatch.setattr(training, "loss_sum_of", nan_at_fifth_step)
+    with pytest.raises(NonFiniteLoss, match=r"step 5: the loss is nan.*last good checkpoint \(step 3\)"):
+        train(TINY, out=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 3
+
+
+def test_resume_refuses_other_settings_and_out_refuses_overwrite(tmp_path):
+    train(TINY, out=tmp_path / "run")
+    with pytest.raises(ValueError, match="other settings .*lr"):
+        train(dataclasses.replace(TINY, lr=1e-3), out=tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train(TINY, out=tmp_path / "run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_train_as_one(tmp_path, sharding):
+    """torchrun's environment by hand: two processes on 127.0.0.1, half of the same global batch each."""
+    args = (
+        "--task shakespeare --attention global --context 32 --steps 4 --batch 4 --lr 1e-2 --d-model 16 --layers 1 "
+        "--heads 2 --eval-every 2 --eval-examples 1 --no-progress --threads 1"
+    ).split()
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "globalattn", "train", *args, "--out", str(tmp_path / f"ddp{rank}")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the gloo processes did not finish in 120 s")
+        assert proc.returncode == 0, output
+    reference = train(dataclasses.replace(TINY, steps=4, eval_every=2), out=tmp_path / "single")
+    ddp = json.loads((tmp_path / "ddp0" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and not (tmp_path / "ddp1" / "metrics.json").exists()  # rank 0 writes
+    assert len(ddp["history"]) == len(reference["history"]) == 2
+    for a, b in zip(ddp["history"], reference["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    for name, tensor in final_weights(tmp_path / "single").items():
+        torch.testing.assert_close(final_weights(tmp_path / "ddp0")[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_trains_and_reports(tmp_path, capsys):
+    argv = "train --task mqar --attention sliding --context 64 --steps 2 --batch 2 --d-model 16 --heads 2"
+    code = main(
+        [*argv.split(), "--eval-every", "2", "--eval-examples", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    )
+    assert code == 0
+    assert "mqar sliding T=64: step 2, validation accuracy" in capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--task", "mqar", "--attention", "global-own", "--context", "64"], "bidirectional only"),
+        (["--task", "mqar", "--attention", "bogus", "--context", "64"], "attention must be one of"),
+        (["--task", "nope", "--attention", "dense", "--context", "64"], "task must be one of"),
+        (["--task", "mqar", "--attention", "dense", "--context", "0"], "context must be a positive int"),
+        (["--task", "mqar", "--attention", "dense", "--context", "64", "--batch", "0"], "batch must be a positive int"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line(args, message, capsys):
+    assert main(["train", *args, "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("globalattn: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_reports_a_diverged_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "loss_sum_of", lambda task, logits, batch: logits.sum() * float("inf"))
+    argv = "train --task mqar --attention dense --context 64 --steps 2 --batch 2 --d-model 16 --heads 2 --no-progress"
+    code = main([*argv.split(), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("globalattn: error: step 1: the loss is") and "no checkpoint" in err
