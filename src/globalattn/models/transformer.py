@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globalattn import checks
 from globalattn.models.attention import (
     check_name,
     default_block_size,
@@ -46,8 +47,7 @@ class ModelConfig:
     def __post_init__(self):
         check_name(self.attention, causal=self.causal)
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            checks.positive_int(name, getattr(self, name))
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model ({self.d_model}) / n_head ({self.n_head}) must be an even integer (RoPE pairs)")
         for name in ("block_size", "window"):
