@@ -161,3 +161,11 @@ def test_encoder_pools_real_tokens_only():
 def test_bad_configs_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{"vocab_size": 20, "context": 64, **changes})
+
+
+@pytest.mark.parametrize("name", ["dense", "local", "sliding", "global-top2"])
+def test_context_parallel_runs_only_the_global_attentions(name):
+    from globalattn.models.attention import make_context_parallel_attention
+
+    with pytest.raises(ValueError, match="context parallelism runs the attentions global and global-own"):
+        make_context_parallel_attention(name, causal=True, block_size=4, group=None)

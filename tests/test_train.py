@@ -162,9 +162,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize(
+    "sharding", [[], ["--fsdp"], ["--context-parallel", "2"]], ids=["ddp", "fsdp2", "context-parallel"]
+)
 def test_two_gloo_processes_train_as_one(tmp_path, sharding):
-    """torchrun's environment by hand: two processes on 127.0.0.1, half of the same global batch each."""
+    """torchrun's environment by hand: two processes on 127.0.0.1, half of the same global batch each
+    (rows, or with --context-parallel 2 the two halves of every sequence)."""
     args = (
         "--task shakespeare --attention global --context 32 --steps 4 --batch 4 --lr 1e-2 --d-model 16 --layers 1 "
         "--heads 2 --eval-every 2 --eval-examples 1 --no-progress --threads 1"
@@ -183,7 +186,7 @@ def test_two_gloo_processes_train_as_one(tmp_path, sharding):
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "globalattn", "train", *args, "--out", str(tmp_path / f"ddp{rank}")],
+                [sys.executable, "-m", "globalattn", "train", *args, *sharding, "--out", str(tmp_path / f"ddp{rank}")],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -227,6 +230,9 @@ def test_cli_trains_and_reports(tmp_path, capsys):
         (["--task", "nope", "--attention", "dense", "--context", "64"], "task must be one of"),
         (["--task", "mqar", "--attention", "dense", "--context", "0"], "context must be a positive int"),
         (["--task", "mqar", "--attention", "dense", "--context", "64", "--batch", "0"], "batch must be a positive int"),
+        (["--task", "mqar", "--attention", "global", "--context", "64", "--context-parallel", "2"], "language-model"),
+        (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "2"], "torchrun"),
+        (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "0"], "positive"),
     ],
 )
 def test_cli_refuses_bad_input_in_one_line(args, message, capsys):

@@ -147,6 +147,13 @@ def _add_train(commands) -> None:
     train.add_argument("--out", metavar="DIR", help="folder for metrics.json and checkpoints (default: none kept)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     train.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2, torchrun)")
+    train.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="under torchrun, split every sequence over N ranks (global attentions, language-model tasks)",
+    )
     train.set_defaults(run=_run_train)
 
 
@@ -176,6 +183,7 @@ def _run_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         eval_examples=args.eval_examples,
         precision=args.precision,
+        context_parallel=args.context_parallel,
     )
     try:
         summary = train(

@@ -17,6 +17,11 @@ it, with the last good checkpoint kept.
 Data-parallel: each of the W processes takes B / W rows of the same global batch, and the loss of
 each is scaled so that the averaged gradient is that of the whole batch: W processes train as one
 would, to rounding.  ``--fsdp`` shards parameters and optimizer state (FSDP2) for large models.
+
+Context-parallel (``--context-parallel N``, language-model tasks, attention global or global-own):
+groups of N consecutive ranks split every sequence into N shards of whole blocks and exchange only
+the global tokens (``globalattn.distributed``); the W / N groups are data-parallel over the rows.
+Each rank's loss is its shard's share of the same sum, so the scaling above still holds.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from globalattn.models import ModelConfig, build_model
+from globalattn.models import ModelConfig, build_model, use_context_parallel
 from globalattn.tasks import IGNORE, Task, make_task
 
 CHECKPOINTS = "checkpoints"
@@ -69,9 +74,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 50  # also checkpoints then
     eval_examples: int = 64  # validation sequences per evaluation (whole batches: rounded up)
+    context_parallel: int = 1  # ranks that share each sequence (see the module docstring)
 
     def __post_init__(self):
-        for name in ("context", "steps", "batch", "eval_every", "eval_examples"):
+        for name in ("context", "steps", "batch", "eval_every", "eval_examples", "context_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -120,12 +126,11 @@ def train(
     ``metrics.json`` holds): config, data, model size, attention cost, history and final metrics."""
     out = Path(out) if out is not None else None
     rank, world, device = _init_distributed(device)
-    if config.batch % world:
-        raise ValueError(f"batch ({config.batch}) must be a multiple of the number of processes ({world})")
     task = make_task(config.task, config.context, config.seed)
     model_config = config.model_config(task)
     torch.manual_seed(config.seed)  # the same initial weights in every process and every attention variant
     model = build_model(model_config).to(device)
+    share = _share_of_this_rank(config, task, model, rank, world)
     wrapped = _wrap_for_distributed(model, world, device, fsdp)
     optimizer = _make_optimizer(model, config)
 
@@ -157,7 +162,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
         try:
-            loss = _train_step(wrapped, optimizer, task, config, step, rank, world, device)
+            loss = _train_step(wrapped, optimizer, task, config, step, share, world, device)
         except NonFiniteLoss as stop:
             kept = _latest_checkpoint(out) if out is not None else None
             where = f"the last good checkpoint (step {kept[0]}) is kept in {kept[1]}" if kept else "no checkpoint kept"
@@ -171,7 +176,7 @@ def train(
                     "step": summary["step"],
                     "train_seconds": round(summary["train_seconds"], 3),
                     "train_loss": sum(losses) / len(losses),
-                    **evaluate(model, task, config, device),
+                    **evaluate(model, task, config, device, share),
                 }
             )
             losses = []
@@ -189,12 +194,55 @@ def train(
     return summary
 
 
-def _train_step(wrapped, optimizer, task, config, step, rank, world, device) -> float:
+@dataclass(frozen=True)
+class _Share:
+    """The part of every global batch this rank computes: some rows, and (context parallel) a shard of
+    each sequence's positions, whose attention runs over ``group``."""
+
+    rows: slice
+    positions: slice = field(default_factory=lambda: slice(None))
+    group: dist.ProcessGroup | None = None
+
+    def of(self, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+        return {
+            k: (v[self.rows, self.positions] if v.dim() == 2 else v[self.rows]).to(device) for k, v in batch.items()
+        }
+
+
+def _share_of_this_rank(config: TrainConfig, task: Task, model, rank: int, world: int) -> _Share:
+    size = config.context_parallel
+    if size == 1:
+        if config.batch % world:
+            raise ValueError(f"batch ({config.batch}) must be a multiple of the number of processes ({world})")
+        rows = config.batch // world
+        return _Share(rows=slice(rank * rows, (rank + 1) * rows))
+    from globalattn.distributed import context_parallel_groups, shard_range
+
+    if task.metric != "bpc":
+        raise ValueError(f"--context-parallel runs the language-model tasks (bits per character), not {task.name}")
+    if world % size:
+        raise ValueError(f"--context-parallel {size} needs a multiple of {size} processes (torchrun), got {world}")
+    groups = context_parallel_groups(size, timeout=DISTRIBUTED_TIMEOUT)
+    replicas, replica = world // size, dist.get_rank(groups.data_parallel)
+    if config.batch % replicas:
+        raise ValueError(f"batch ({config.batch}) must be a multiple of the data-parallel groups ({replicas})")
+    shard = shard_range(
+        config.context, model.config.resolved_block_size, dist.get_rank(groups.context_parallel), size, causal=True
+    )
+    use_context_parallel(model, groups.context_parallel, shard)
+    rows = config.batch // replicas
+    return _Share(
+        rows=slice(replica * rows, (replica + 1) * rows),
+        positions=slice(shard.start, shard.stop),
+        group=groups.context_parallel,
+    )
+
+
+def _train_step(wrapped, optimizer, task, config, step, share: _Share, world, device) -> float:
     """One update on the global batch of ``step``; returns the global batch's mean loss."""
     batch = task.batch("train", step, config.batch)
     count = _loss_count(task, batch)
-    rows = config.batch // world
-    local = {k: v[rank * rows : (rank + 1) * rows].to(device) for k, v in batch.items()}
+    local = share.of(batch, device)
     loss_sum = loss_sum_of(task, logits_of(wrapped, task, local, config.precision), local)
     (loss_sum * (world / count)).backward()  # DDP averages over processes: the sum of all / count
     loss = loss_sum.detach()
@@ -228,7 +276,7 @@ def _loss_count(task: Task, batch) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, config: TrainConfig, device) -> dict:
+def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | None = None) -> dict:
     """Validation loss and metric on the fixed "val" batches 0, 1, ... of ``config.batch`` sequences,
     enough of them for ``eval_examples`` sequences.
 
@@ -237,8 +285,9 @@ def evaluate(model, task: Task, config: TrainConfig, device) -> dict:
     """
     model.eval()
     loss_sum, loss_count, correct, depths = 0.0, 0, [], []
+    positions = _Share(rows=slice(None), positions=share.positions) if share else _Share(rows=slice(None))
     for index in range(-(-config.eval_examples // config.batch)):
-        batch = {k: v.to(device) for k, v in task.batch("val", index, config.batch).items()}
+        batch = positions.of(task.batch("val", index, config.batch), device)
         logits = logits_of(model, task, batch, config.precision)
         loss_sum += float(loss_sum_of(task, logits, batch))
         loss_count += _loss_count(task, batch)
@@ -251,6 +300,10 @@ def evaluate(model, task: Task, config: TrainConfig, device) -> dict:
         if "depth" in batch:
             depths.append(batch["depth"])
     model.train()
+    if share is not None and share.group is not None:  # each rank scored its shard: add them up
+        totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=share.group)
+        loss_sum, loss_count = float(totals[0]), int(totals[1])
     loss = loss_sum / loss_count
     correct = torch.cat(correct).cpu()
     result = {"val_loss": loss, "metric": loss / math.log(2) if task.metric == "bpc" else float(correct.float().mean())}

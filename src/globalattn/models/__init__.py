@@ -1,7 +1,7 @@
 """Small transformers for the training harness, with the attention chosen by name."""
 
 from globalattn.models.attention import BASE_NAMES, keys_per_token, make_attention
-from globalattn.models.transformer import DecoderLM, EncoderClassifier, ModelConfig, build_model
+from globalattn.models.transformer import DecoderLM, EncoderClassifier, ModelConfig, build_model, use_context_parallel
 
 __all__ = [
     "BASE_NAMES",
@@ -11,4 +11,5 @@ __all__ = [
     "build_model",
     "keys_per_token",
     "make_attention",
+    "use_context_parallel",
 ]

@@ -80,6 +80,18 @@ def make_attention(name: str, *, causal: bool, block_size: int, window: int) -> 
     return partial(global_attention, block_size=block_size, causal=causal, scope=scope, **options)
 
 
+def make_context_parallel_attention(name: str, *, causal: bool, block_size: int, group) -> Attention:
+    """``make_attention``'s global variants over a sequence sharded across ``group`` (each rank passes
+    its shard); the others have no context-parallel form here."""
+    from globalattn.distributed import context_parallel_attention
+
+    check_name(name, causal=causal)
+    if name not in ("global", "global-own"):
+        raise ValueError(f"context parallelism runs the attentions global and global-own, got {name!r}")
+    scope = "own" if name == "global-own" else "all"
+    return partial(context_parallel_attention, block_size=block_size, causal=causal, scope=scope, group=group)
+
+
 def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, window: int) -> torch.Tensor:
     """How many keys (raw tokens and global tokens) each position attends to, an int64 tensor (T,).
 

@@ -25,6 +25,7 @@ from globalattn.models.attention import (
     default_block_size,
     keys_per_token,
     make_attention,
+    make_context_parallel_attention,
     matched_window,
 )
 
@@ -90,9 +91,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, hd)
-        seq_len = x.shape[2]
-        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, H, T, hd) at positions offset + t
+        positions = slice(offset, offset + x.shape[2])
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -111,11 +112,13 @@ class SelfAttention(nn.Module):
             window=config.resolved_window,
         )
         self.dropout = nn.Dropout(config.dropout)
+        self.position_offset = 0  # context parallel: the first position of this rank's shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
         batch, seq_len, channels = x.shape
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        y = self.attend(self.rope(q), self.rope(k), v)  # (B, H, T, hd)
+        offset = self.position_offset
+        y = self.attend(self.rope(q, offset), self.rope(k, offset), v)  # (B, H, T, hd)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, seq_len, channels)))
 
 
@@ -209,3 +212,16 @@ class EncoderClassifier(nn.Module):
 
 def build_model(config: ModelConfig) -> DecoderLM | EncoderClassifier:
     return DecoderLM(config) if config.causal else EncoderClassifier(config)
+
+
+def use_context_parallel(model: nn.Module, group, shard: range) -> None:
+    """Make ``model`` run on this rank's ``shard`` of every sequence (whole blocks, from
+    ``globalattn.distributed.shard_range``): RoPE at the shard's positions, attention exchanging only
+    the global tokens over ``group``."""
+    config = model.config
+    attend = make_context_parallel_attention(
+        config.attention, causal=config.causal, block_size=config.resolved_block_size, group=group
+    )
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.attend, module.position_offset = attend, shard.start
