@@ -67,9 +67,9 @@ GRID = [
     SEED.replace(remainder="separate", mask="random", L=6),
     SEED.replace(scale=0.37),
     Case(L=10, S=10, b=3, causal=True, scale=2.5),
-    # Long causal blocks: the torch backend splits a block's queries into parts (MIN_CAUSAL_PART).
-    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=2 * blocked.MIN_CAUSAL_PART, causal=True),
-    Case(B=2, Hq=2, Hkv=1, L=100, S=300, D=4, b=2 * blocked.MIN_CAUSAL_PART + 7, causal=True, mask="random"),
+    # Long causal blocks, one of them partly before the first query.
+    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=64, causal=True),
+    Case(B=2, Hq=2, Hkv=1, L=100, S=300, D=4, b=71, causal=True, mask="random"),
 ]
 
 
@@ -210,7 +210,7 @@ def test_attention_weights_match_oracle(case, dtype, device):
             SEED.replace(causal=True, L=9, mask="block"),
             SEED.replace(scope="own", L=11, remainder="separate"),
             ODD.replace(causal=True),
-            Case(B=1, Hq=2, Hkv=1, L=260, S=300, D=3, b=2 * blocked.MIN_CAUSAL_PART, causal=True, mask="block"),
+            Case(B=1, Hq=2, Hkv=1, L=260, S=300, D=3, b=64, causal=True, mask="block"),
         ]
     ),
 )

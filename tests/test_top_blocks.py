@@ -31,8 +31,7 @@ GRID = [
     BASE.replace(b=30),  # one block: no candidate
     BASE.replace(L=13, S=13, b=16, causal=True),  # one block, causal: no global token at all
     BASE.replace(L=9, D=5, Dv=7, scale=0.8),
-    # causal parts + routing
-    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=2 * blocked.MIN_CAUSAL_PART, causal=True, top_blocks=1),
+    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=64, causal=True, top_blocks=1),  # long causal blocks
 ]
 
 
