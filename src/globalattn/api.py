@@ -139,7 +139,7 @@ def _check_attention_args(query, key, block_size, causal, scope, remainder, key_
     checks.mode(causal, scope, remainder)
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-            raise ValueError(f"key_mask must be a bool tensor (True = real token), got {_describe(key_mask)}")
+            raise ValueError(f"key_mask must be a bool tensor (True = real token), got {checks.describe(key_mask)}")
         if tuple(key_mask.shape) != (batch, seq_len):
             raise ValueError(f"key_mask must have shape (B, S) = {(batch, seq_len)}, got {tuple(key_mask.shape)}")
         if key_mask.device != query.device:
@@ -178,7 +178,3 @@ def _check_value(value, key) -> None:
             f"value must have shape (B, Hkv, S, Dv) = {tuple(key.shape[:3])} + (Dv >= 1,) like key, "
             f"got {tuple(value.shape)}"
         )
-
-
-def _describe(x) -> str:
-    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__

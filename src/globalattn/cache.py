@@ -77,9 +77,13 @@ class PooledKVCache:
             )
         for name, t in (("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor (B, Hkv, L, head_dim), got {_describe(t)}")
+                raise ValueError(
+                    f"{name} must be a floating-point tensor (B, Hkv, L, head_dim), got {checks.describe(t)}"
+                )
         if value.shape[:3] != key.shape[:3]:
-            raise ValueError(f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])}, got {_describe(value)}")
+            raise ValueError(
+                f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])}, got {checks.describe(value)}"
+            )
         if key.shape[2] == 0:
             raise ValueError("key must hold at least one new position (L >= 1)")
         if self.block_key is None:
@@ -88,7 +92,8 @@ class PooledKVCache:
             if _layout(new) != _layout(held):
                 raise ValueError(
                     f"{name} must continue the cached sequence: (B, Hkv, ·, head_dim) = "
-                    f"{(*held.shape[:2], '·', held.shape[3])}, {held.dtype} on {held.device}; got {_describe(new)}"
+                    f"{(*held.shape[:2], '·', held.shape[3])}, {held.dtype} on {held.device}; "
+                    f"got {checks.describe(new)}"
                 )
         self._window = (torch.cat([self.block_key, key], dim=2), torch.cat([self.block_value, value], dim=2))
         self.pending = key.shape[2]
@@ -125,13 +130,13 @@ class PooledKVCache:
         ):
             raise ValueError(
                 f"query must be a {window_key.dtype} tensor on {window_key.device} of shape (B={batch}, Hq, L={new}, "
-                f"D={head_dim}) (the staged positions), Hq a multiple of {kv_heads}; got {_describe(query)}"
+                f"D={head_dim}) (the staged positions), Hq a multiple of {kv_heads}; got {checks.describe(query)}"
             )
         if key_mask is not None and (
             not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (batch, new)
         ):
             raise ValueError(
-                f"key_mask must be a bool tensor (B, L) = {(batch, new)}, True = real; got {_describe(key_mask)}"
+                f"key_mask must be a bool tensor (B, L) = {(batch, new)}, True = real; got {checks.describe(key_mask)}"
             )
         scale = checks.scale(scale, head_dim)
         new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
@@ -229,9 +234,3 @@ def attend_segments(query: torch.Tensor, segments, scale: float) -> tuple[torch.
 def _layout(x: torch.Tensor) -> tuple:
     """What must stay the same from step to step: batch, heads, head dim, dtype, device."""
     return x.shape[0], x.shape[1], x.shape[3], x.dtype, x.device
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -9,7 +9,14 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 from globalattn import spec
+
+
+def describe(x) -> str:
+    """What was passed, for an error message: a tensor's dtype and shape, or the type's name."""
+    return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def positive_int(name: str, x) -> None:

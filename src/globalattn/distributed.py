@@ -138,7 +138,7 @@ def shard_sequence(
     Queries, keys and values (B, H, S, D) use ``dim=2``; a key mask (B, S) ``dim=1``.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {_describe(x)} and dim={dim!r}")
+        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {checks.describe(x)} and dim={dim!r}")
     shard = shard_range(
         x.shape[dim], block_size, dist.get_rank(group), dist.get_world_size(group), causal=causal, remainder=remainder
     )
@@ -152,7 +152,7 @@ def unshard_sequence(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | No
     the gradient of each shard returns, summed over ranks, to the rank that holds it.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {_describe(x)} and dim={dim!r}")
+        raise ValueError(f"x must be a tensor and dim one of its dimensions, got {checks.describe(x)} and dim={dim!r}")
     lengths = [row[0] for row in _all_gather_ints([x.shape[dim]], group, x.device)]
     return _all_gather_uneven(x, dim % x.dim(), lengths, group)
 
@@ -200,7 +200,9 @@ def context_parallel_groups(context_parallel_size: int, *, timeout: timedelta | 
 def _check_shard(query, key) -> None:
     for name, t in (("query", query), ("key", key)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be this rank's shard, a tensor (B, H, n, head_dim), got {_describe(t)}")
+            raise ValueError(
+                f"{name} must be this rank's shard, a tensor (B, H, n, head_dim), got {checks.describe(t)}"
+            )
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"query and key must hold the same shard (n={key.shape[2]} positions), got query length {query.shape[2]}: "
@@ -343,7 +345,3 @@ def _collective(what: str, fn, *args, group) -> None:
             "another rank died, hung past the process group's timeout, or skipped this call (every rank must "
             "call forward and run backward through its output); see the other ranks' logs"
         ) from err
-
-
-def _describe(x) -> str:
-    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

@@ -98,7 +98,7 @@ class GlobalAttention(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             layout = "(B, T, E)" if self.batch_first else "(T, B, E)"
-            raise ValueError(f"x must have shape {layout} with E={self.embed_dim}, got {_shape(x)}")
+            raise ValueError(f"x must have shape {layout} with E={self.embed_dim}, got {checks.describe(x)}")
         if cache is not None:
             self._check_cache(cache, need_weights)
         if self.context_parallel_group is not None and (cache is not None or need_weights):
@@ -115,7 +115,7 @@ class GlobalAttention(nn.Module):
             ):
                 raise ValueError(
                     f"key_padding_mask must be a bool tensor of shape (B, T) = {(batch, seq_len)} (True = padding), "
-                    f"got {_describe(key_padding_mask)}"
+                    f"got {checks.describe(key_padding_mask)}"
                 )
             key_mask = ~key_padding_mask
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -156,11 +156,3 @@ class GlobalAttention(nn.Module):
             f"block_size={self.block_size}, causal={self.causal}, scope={self.scope!r}, top_blocks={self.top_blocks}, "
             f"dropout={self.dropout}"
         )
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _describe(x) -> str:
-    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
