@@ -68,10 +68,12 @@ def pool_blocks(
         weights = key_mask.to(acc_dtype)
     counts = _block_sums(weights[:, None, :, None], block_size, remainder)[:, 0, :, 0]  # (B, G)
     inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
-    means = tuple(
-        (_block_sums(x.to(acc_dtype) * weights[:, None, :, None], block_size, remainder) * inverse_counts).to(x.dtype)
-        for x in xs
-    )
+
+    def real_tokens(x):  # (B, H, S, D) in the accumulation dtype, padding zeroed (no pass when none)
+        x = x.to(acc_dtype)
+        return x if key_mask is None else x * weights[:, None, :, None]
+
+    means = tuple((_block_sums(real_tokens(x), block_size, remainder) * inverse_counts).to(x.dtype) for x in xs)
     return means, counts > 0
 
 
