@@ -157,7 +157,7 @@ def test_refuses_mixed_devices(moved):
 
 
 def test_public_names():
-    expected = {"GlobalAttention", "PooledKVCache", "attention_weights", "block_bounds", "global_attention"}
+    expected = {"GlobalAttention", "PooledKVCache", "attention_weights", "block_bounds", "explain_backend", "global_attention"}
     assert set(globalattn.__all__) == expected
 
 

@@ -14,7 +14,14 @@ import torch
 import globalattn.backends.blocked as blocked
 from conftest import (
     DTYPE_IDS,
+    FORWARD_ATOL,
+    GRAD_RTOL,
+    GRID,
     LOW_PRECISION,
+    LSE_ATOL,
+    ODD,
+    SEED,
+    SLACK,
     Case,
     assert_max_error,
     assert_within_naive_error,
@@ -26,51 +33,6 @@ from globalattn import attention_weights
 
 BACKENDS = ["reference", "torch", "auto"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-# Largest error allowed against the float64 oracle (inputs ~ N(0, 1)): absolute for out and lse,
-# relative to the largest exact value (at least 1) for gradients, which grow with the sequence.
-FORWARD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-# Low precision: the global tokens are rounded to the input dtype, which moves every global score.
-LSE_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 8e-3}
-GRAD_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-# flash-attention's rule: the slack added to factor x (naive error), half an ulp at 1.
-SLACK = {dtype: torch.finfo(dtype).eps / 2 for dtype in (torch.bfloat16, torch.float16)}
-
-SEED = Case()  # B2-Hq4-Hkv2-L16-S16-D8-b5-bidir-all-merge: the seed's 16 tokens, b = 5
-ODD = Case(B=1, Hq=2, Hkv=1, L=11, S=11, D=59, Dv=61, b=3)  # awkward head dims, Dv != D
-GRID = [
-    SEED,
-    SEED.replace(remainder="separate"),
-    SEED.replace(scope="own"),
-    SEED.replace(scope="own", remainder="separate"),
-    Case(L=12, S=12, b=4),  # S a multiple of b
-    Case(L=13, S=13, b=4, remainder="separate"),
-    Case(L=7, S=7, b=10),  # b > S
-    Case(L=7, S=7, b=10, causal=True),
-    Case(L=9, S=9, b=1),  # b = 1
-    Case(L=9, S=9, b=1, causal=True),
-    SEED.replace(causal=True),  # causal, L == S
-    SEED.replace(causal=True, L=5),  # causal, L < S
-    Case(L=1, S=13, b=4, causal=True),  # decoding one token
-    SEED.replace(L=7),  # bidirectional, L < S
-    Case(L=3, S=13, b=4, scope="own"),
-    SEED.replace(Hkv=1),  # GQA down to one key/value head
-    Case(Hq=3, Hkv=3, L=10, S=10, b=3),  # plain multi-head
-    ODD,
-    ODD.replace(causal=True, mask="random"),
-    SEED.replace(mask="random"),
-    SEED.replace(mask="block"),  # an absent global token
-    SEED.replace(mask="empty"),  # every row of batch 0 sees nothing
-    SEED.replace(scope="own", mask="block"),  # block 0's rows see nothing
-    SEED.replace(causal=True, mask="block"),  # block 0's rows see nothing
-    SEED.replace(causal=True, L=9, mask="empty"),
-    SEED.replace(remainder="separate", mask="random", L=6),
-    SEED.replace(scale=0.37),
-    Case(L=10, S=10, b=3, causal=True, scale=2.5),
-    # Long causal blocks, one of them partly before the first query.
-    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=64, causal=True),
-    Case(B=2, Hq=2, Hkv=1, L=100, S=300, D=4, b=71, causal=True, mask="random"),
-]
 
 
 def assert_empty_rows_are_zero(out, lse, ref):

@@ -139,4 +139,3 @@ def test_refuses_bad_top_blocks(bad):
         global_attention(q, q, q, 4, top_blocks=bad)
     with pytest.raises(ValueError, match="top_blocks"):
         attention_weights(q, q, 4, top_blocks=bad)
-

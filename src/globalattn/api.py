@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from globalattn import checks, spec
-from globalattn.backends import BACKENDS, choose_backend
+from globalattn import backends, checks, spec
 
 
 def block_bounds(seq_len: int, block_size: int, *, remainder: str = "merge") -> list[tuple[int, int]]:
@@ -73,17 +72,51 @@ def global_attention(
     Returns ``out`` (B, Hq, L, Dv), and with ``return_lse=True`` also the natural-log
     log-sum-exp of every row's scores (B, Hq, L), float32 or better, ``-inf`` for an empty row.
     ``dropout_p`` drops attention weights (local and global alike) while training.
-    ``backend``: ``"auto"`` (the fastest available), ``"torch"`` (blocked PyTorch, any device),
-    or ``"reference"`` (dense and explicit: the oracle, O(L * S) memory).
+    ``backend``: ``"auto"`` (the fastest that covers the call, see ``explain_backend``),
+    ``"triton"`` (fused kernels, CUDA), ``"flex"`` (FlexAttention, CUDA), ``"torch"`` (blocked
+    PyTorch, any device, the whole contract) or ``"reference"`` (dense and explicit: the oracle,
+    O(L * S) memory).  Asking for a backend that cannot compute the call is a ValueError that says why.
     """
     args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
     _check_value(value, key)
     checks.probability("dropout_p", dropout_p)
     checks.boolean("return_lse", return_lse)
-    checks.choice("backend", backend, ("auto", *BACKENDS))
-    name = choose_backend(query) if backend == "auto" else backend
-    out, lse = BACKENDS[name](query, key, value, dropout_p=dropout_p, **args)
+    checks.choice("backend", backend, ("auto", *backends.NAMES))
+    args["dropout_p"] = dropout_p
+    if backend == "auto":
+        backend, _ = backends.explain_backend(query, key, value, args)
+    else:
+        reason = backends.unsupported_reason(backend, query, key, value, args)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot compute this call: {reason}; backend='torch' can")
+    out, lse = backends.get_backend(backend)(query, key, value, **args)
     return (out, lse) if return_lse else out
+
+
+def explain_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    scope: str = "all",
+    remainder: str | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    top_blocks: int = 0,
+    dropout_p: float = 0.0,
+) -> tuple[str, list[str]]:
+    """The backend that ``global_attention(..., backend="auto")`` would run for these arguments,
+    and why each faster backend was passed over (e.g. ``"triton: top_blocks is not supported"``).
+
+    >>> explain_backend(q, k, v, 128)   # doctest: +SKIP
+    ('triton', [])
+    """
+    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    _check_value(value, key)
+    checks.probability("dropout_p", dropout_p)
+    return backends.explain_backend(query, key, value, {**args, "dropout_p": dropout_p})
 
 
 def attention_weights(
