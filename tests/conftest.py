@@ -3,6 +3,8 @@
 - ``seed`` (autouse): every test draws fresh random inputs, from a per-session seed (printed in the
   report header; set ``GLOBALATTN_TEST_SEED`` to replay a run) mixed with the test's id.
 - ``device``: "cpu", and "cuda" (marked ``gpu``, skipped without a CUDA device).
+- Without a CUDA device the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here
+  before globalattn imports them), so the "triton" backend is tested on the CPU too.
 - ``Case``: one attention problem (shapes and options) with a readable id, and its random inputs.
 - ``dense_attention``: masked dense softmax over [keys ; global tokens] in differentiable torch ops,
   built from the oracle's allowed mask and pooling matrix.  At float64 it is the gradient reference;
@@ -20,8 +22,11 @@ from dataclasses import dataclass, fields
 import pytest
 import torch
 
-import oracle
-from globalattn import global_attention
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import oracle  # noqa: E402
+from globalattn import backends, global_attention  # noqa: E402
 
 SESSION_SEED = int(os.environ.get("GLOBALATTN_TEST_SEED", random.randrange(2**31)))
 
@@ -130,7 +135,13 @@ class Case:
         return real.to(device)
 
     def attend(self, backend, q, k, v, key_mask, **extra):
-        """``global_attention`` of these inputs with this case's options."""
+        """``global_attention`` of these inputs with this case's options; a test of a fused
+        backend on inputs it does not cover (a dtype, an option) is skipped with its reason."""
+        if backend in ("flex", "triton"):
+            options = {**self.options(), "dropout_p": 0.0, **extra, "block_size": self.b, "key_mask": key_mask}
+            reason = backends.unsupported_reason(backend, q, k, v, options)
+            if reason is not None:
+                pytest.skip(f"{backend}: {reason}")
         return global_attention(q, k, v, self.b, key_mask=key_mask, backend=backend, **self.options(), **extra)
 
     def oracle(self, q, k, v, key_mask) -> oracle.Result:
@@ -236,3 +247,41 @@ def assert_within_naive_error(name, got, naive, exact, *, factor, slack):
 def grads_of(outputs, inputs, grad_outputs):
     """d(inputs) for the given upstream gradients (one per output)."""
     return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+def assert_empty_rows_are_zero(out, lse, ref):
+    """Rows that may see nothing: output exactly 0, lse -inf; and no NaN anywhere."""
+    empty = ~ref.allowed.any(-1)[:, None].expand(lse.shape).to(out.device)  # (B, Hq, L)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[empty] == 0).all()
+    assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+
+
+def assert_gradients_match_dense_float64(case: Case, inputs, key_mask, out, lse):
+    """dq, dk, dv of (out, lse) = attention(*inputs) for a random upstream gradient, against float64
+    autograd of ``dense_attention``; at low precision also flash-attention's 3x rule.  And a row
+    that sees nothing has no gradient; a padded key receives none either."""
+    q, k, v = inputs
+    dtype, device = q.dtype, q.device
+    ref = case.oracle(q, k, v, key_mask)
+    upstream = (torch.randn_like(out), torch.randn_like(lse))
+    got = grads_of((out, lse), inputs, upstream)
+
+    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    exact_outputs = dense_attention(*exact_inputs, ref, case.scale_value())
+    exact = grads_of(exact_outputs, exact_inputs, [g.double() for g in upstream])
+    if dtype in LOW_PRECISION:
+        naive = grads_of(dense_attention(q, k, v, ref, case.scale_value()), inputs, upstream)
+
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert got[i].dtype == dtype and got[i].shape == exact[i].shape
+        assert torch.isfinite(got[i]).all(), f"{name} not finite"
+        assert_max_error(got[i], exact[i], GRAD_RTOL[dtype] * max(1.0, exact[i].abs().max().item()), name)
+        if dtype in LOW_PRECISION:
+            assert_within_naive_error(name, got[i], naive[i], exact[i], factor=3, slack=SLACK[dtype])
+
+    dq, dk, dv = got
+    empty = ~ref.allowed.any(-1).to(device)  # (B, L)
+    assert (dq.transpose(1, 2)[empty] == 0).all()
+    if key_mask is not None:
+        assert (dk.transpose(1, 2)[~key_mask] == 0).all() and (dv.transpose(1, 2)[~key_mask] == 0).all()

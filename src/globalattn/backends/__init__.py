@@ -4,9 +4,9 @@ Every backend is a function ``(query, key, value, *, block_size, causal, scope, 
 key_mask, scale, top_blocks, dropout_p) -> (out, lse)`` that takes validated, resolved arguments.
 The fused GPU backends (``flex``, ``triton``) cover less than the whole contract; each module has
 ``unsupported(query, key, value, options) -> str | None``, the reason it cannot run these inputs
-(None when it can).  They are imported on first use: triton and flex_attention are heavy imports,
-and the Triton kernels are built for the interpreter or the GPU depending on ``TRITON_INTERPRET``
-at the moment they are imported.
+(None when it can).  They are imported with this package, so that ``torch.compile`` never meets an
+import inside a call; the Triton kernels are built for the interpreter or the GPU depending on
+``TRITON_INTERPRET`` at that moment.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ from globalattn.backends.blocked import blocked_attention
 from globalattn.backends.reference import reference_attention
 
 NAMES = ("reference", "torch", "flex", "triton")
-_FUSED_MODULES = {"flex": "globalattn.backends.flex", "triton": "globalattn.backends.triton"}
+
+
+def _import_fused(name: str):
+    """The fused backend's module; if it cannot be imported, the reason."""
+    try:
+        return importlib.import_module(f"globalattn.backends.{name}")
+    except ImportError as error:
+        return f"it needs {error.name}, which is not installed"
+
+
+_FUSED = {name: _import_fused(name) for name in ("flex", "triton")}
 
 
 def get_backend(name: str):
@@ -26,18 +36,15 @@ def get_backend(name: str):
         return reference_attention
     if name == "torch":
         return blocked_attention
-    return importlib.import_module(_FUSED_MODULES[name]).attention
+    return _FUSED[name].attention
 
 
 def unsupported_reason(name: str, query, key, value, options: dict) -> str | None:
     """Why backend ``name`` cannot compute these inputs, or None when it can."""
-    if name not in _FUSED_MODULES:
+    if name not in _FUSED:
         return None
-    try:
-        module = importlib.import_module(_FUSED_MODULES[name])
-    except ImportError as error:
-        return f"it needs {error.name}, which is not installed"
-    return module.unsupported(query, key, value, options)
+    module = _FUSED[name]
+    return module if isinstance(module, str) else module.unsupported(query, key, value, options)
 
 
 def explain_backend(query, key, value, options: dict) -> tuple[str, list[str]]:

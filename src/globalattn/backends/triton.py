@@ -1,0 +1,581 @@
+"""The Triton backend: fused forward and backward kernels for global-token attention.
+
+Forward (``_forward_kernel``), one program per tile of BLOCK_M query rows of one query head: one
+online softmax (exp2, scores in log2 units) first over the keys of the blocks its rows belong to,
+then over the G global tokens, read from the small pooled tensors (never concatenated with K).
+It stores the output and each row's log-sum-exp.  A tile may hold rows of several blocks (b <
+BLOCK_M) or part of one block; either way it visits the key range its rows' blocks span and the
+per-element visibility test of SPEC.md decides.
+
+Backward recomputes the probabilities from the stored lse, as flash-attention does, in three
+kernels that write disjoint outputs (no atomics, so the result is deterministic):
+
+- ``_query_grad_kernel``, per query tile: dQ over the local keys and the global tokens;
+- ``_key_grad_kernel``, per tile of BLOCK_N keys and key/value head: dK, dV of the local part,
+  summed over the query heads of the group and the query tiles that see those keys;
+- ``_global_grad_kernel``, per tile of global tokens, key/value head and slice of query rows:
+  that slice's share of dKg, dVg, written to its own buffer and summed in a fixed order after.
+
+The pooling into global tokens (``spec.pool_blocks``) stays in PyTorch: it is one pass over K and
+V, and autograd carries dKg, dVg back to every key of the block.
+
+Both directions are registered as custom ops (``globalattn::triton_forward`` / ``_backward``), so
+``torch.compile`` treats a call as one opaque node instead of breaking the graph.
+
+Coverage: float16, bfloat16 and float32 (fp32 accumulation; float32 matrix products in full
+precision, not TF32), head dims up to 256 (padded to a power of two), every option of SPEC.md
+except ``top_blocks`` and dropout.  On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set
+before globalattn is imported), which is how the test suite exercises them without a GPU; the
+interpreter cannot multiply bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from globalattn import spec
+
+LOG2_E = math.log2(math.e)
+MAX_HEAD_DIM = 256
+# The mode the kernels below were built in: TRITON_INTERPRET is read when ``triton.jit`` runs.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported(query, key, value, options) -> str | None:
+    if query.device.type != "cuda" and not INTERPRETED:
+        device = query.device.type
+        return f"inputs are on {device}; the kernels run on CUDA (on the CPU under TRITON_INTERPRET=1, for testing)"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {query.dtype} is not supported (float16, bfloat16, float32)"
+    if INTERPRETED and query.dtype == torch.bfloat16:
+        return "the Triton interpreter cannot multiply bfloat16 (float16 and float32 run there)"
+    if options["top_blocks"]:
+        return "top_blocks is not supported"
+    if options["dropout_p"] > 0:
+        return "dropout is not supported"
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported (got D={query.shape[-1]}, Dv={value.shape[-1]})"
+    return None
+
+
+def attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    keep = None if key_mask is None else key_mask.to(torch.int8)
+    options = (block_size, causal, scope == "own", scale)
+    return _forward_op(query, key, value, key_global, value_global, keep, present.to(torch.int8), *options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile sizes.  The GPU set is small and fixed; under the interpreter one small tile shape, so that
+# the test shapes span several tiles and each kernel runs once, not once per configuration.
+
+
+def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    shapes = [(16, 16, 1, 1)] if INTERPRETED else gpu
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in shapes
+    ]
+
+
+_FORWARD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
+_BACKWARD_CONFIGS = _configs([(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)])
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "SCOPE_OWN", "HAS_MASK", "block_size", "DOT_PRECISION"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Who sees what (SPEC.md), on broadcastable index tensors: the same test in every kernel.
+
+
+@triton.jit
+def _block_of(pos, block_size, num_blocks):
+    """blk(pos): the last block absorbs a merged tail, as spec.block_index."""
+    return tl.minimum(pos // block_size, num_blocks - 1)
+
+
+@triton.jit
+def _local_seen(query_pos, key_pos, block_size, num_blocks, CAUSAL: tl.constexpr):
+    seen = _block_of(query_pos, block_size, num_blocks) == _block_of(key_pos, block_size, num_blocks)
+    if CAUSAL:
+        seen = seen & (key_pos <= query_pos)
+    return seen
+
+
+@triton.jit
+def _global_seen(query_block, global_block, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr):
+    if CAUSAL:
+        seen = global_block < query_block  # complete earlier blocks only
+    elif SCOPE_OWN:
+        seen = global_block == query_block
+    else:
+        seen = (global_block >= 0) & (query_block >= 0)  # every block (broadcast to the tile)
+    return seen
+
+
+@triton.jit
+def _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, CAUSAL: tl.constexpr):
+    """The keys a tile of query positions first_pos..last_pos may see: its blocks' span."""
+    lo = _block_of(first_pos, block_size, num_blocks) * block_size
+    last_block = _block_of(last_pos, block_size, num_blocks)
+    hi = tl.where(last_block == num_blocks - 1, seq_len, (last_block + 1) * block_size)
+    if CAUSAL:
+        hi = tl.minimum(hi, last_pos + 1)
+    return lo, hi
+
+
+@triton.jit
+def _global_range(first_block, last_block, num_blocks, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr):
+    """The global tokens a tile whose rows lie in blocks first_block..last_block may see."""
+    if CAUSAL:
+        return 0, last_block
+    elif SCOPE_OWN:
+        return first_block, last_block + 1
+    else:
+        return 0, num_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# Per query tile: the forward pass, and dQ.  One kernel: both visit the same local keys and global
+# tokens in the same order; BACKWARD picks what is done with each tile of scores.  lse2 is each
+# row's lse in log2 units with -inf (a row that saw nothing) as 0, and delta = rowsum(dO * O) -
+# dlse, the softmax backward's correction term.
+
+
+@triton.jit
+def _load_keys(K, V, key_pos, key_ok, stride_k, stride_v, dims, dim_ok, value_dims, value_dim_ok):
+    k = tl.load(K + key_pos[:, None] * stride_k + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    v = tl.load(V + key_pos[:, None] * stride_v + value_dims[None, :], mask=key_ok[:, None] & value_dim_ok[None, :],
+                other=0.0)  # fmt: skip
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(scores, values, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold a tile of log2-unit scores (-inf where unseen) and its values into the running
+    max, sum and output.  A row that has seen nothing yet keeps m = -inf and adds nothing."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - shift[:, None])
+    alpha = tl.math.exp2(m_i - shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile's probabilities P, recomputed from lse, and dS = P * (dP - delta)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    p = tl.math.exp2(tl.where(seen, scores - lse2[:, None], float("-inf")))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _query_tile_kernel(
+    Q, K, V, KG, VG, KEEP, PRESENT, DO, LSE2, DELTA, OUT, LSE,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_gb, stride_gh, stride_gg,
+    stride_wb, stride_wh, stride_wg,
+    stride_ob, stride_oh, stride_ol,
+    q_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
+    head_dim, value_dim,
+    BACKWARD: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Forward: OUT (B, Hq, L, Dv) and LSE (B, Hq, L).  BACKWARD: OUT is dQ, shaped like Q."""
+    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    b, h = batch_head // q_heads, batch_head % q_heads
+    kv_h = h // group
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
+    KG += b.to(tl.int64) * stride_gb + kv_h.to(tl.int64) * stride_gh
+    VG += b.to(tl.int64) * stride_wb + kv_h.to(tl.int64) * stride_wh
+    row_base = batch_head.to(tl.int64) * q_len
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    pos = rows + query_offset
+    query_block = _block_of(pos, block_size, num_blocks)
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    dim_ok, value_dim_ok = dims < head_dim, value_dims < value_dim
+    q = tl.load(Q + rows[:, None] * stride_ql + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if BACKWARD:
+        DO += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        do = tl.load(DO + rows[:, None] * stride_ol + value_dims[None, :],
+                     mask=row_ok[:, None] & value_dim_ok[None, :], other=0.0)  # fmt: skip
+        lse2 = tl.load(LSE2 + row_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    first_pos = tile * BLOCK_M + query_offset
+    last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1 + query_offset
+    lo, hi = _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, CAUSAL)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k, v = _load_keys(K, V, cols, col_ok, stride_ks, stride_vs, dims, dim_ok, value_dims, value_dim_ok)
+        seen = _local_seen(pos[:, None], cols[None, :], block_size, num_blocks, CAUSAL) & col_ok[None, :]
+        if HAS_MASK:
+            seen = seen & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)[None, :]
+        if BACKWARD:
+            p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        else:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            scores = tl.where(seen, scores, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
+
+    first_block = _block_of(first_pos, block_size, num_blocks)
+    g_lo, g_hi = _global_range(first_block, _block_of(last_pos, block_size, num_blocks), num_blocks, CAUSAL, SCOPE_OWN)
+    for start in range(g_lo, g_hi, BLOCK_N):
+        blocks = start + tl.arange(0, BLOCK_N)
+        block_ok = (blocks < g_hi) & (tl.load(PRESENT + b * num_blocks + blocks, mask=blocks < g_hi, other=0) != 0)
+        kg, vg = _load_keys(KG, VG, blocks, block_ok, stride_gg, stride_wg, dims, dim_ok, value_dims, value_dim_ok)
+        seen = _global_seen(query_block[:, None], blocks[None, :], CAUSAL, SCOPE_OWN) & block_ok[None, :]
+        if BACKWARD:
+            p, ds = _probs_and_score_grads(q, kg, vg, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            dq += tl.dot(ds.to(kg.dtype), kg, input_precision=DOT_PRECISION)
+        else:
+            scores = tl.dot(q, tl.trans(kg), input_precision=DOT_PRECISION) * scale_log2
+            scores = tl.where(seen, scores, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(scores, vg, m_i, l_i, acc, DOT_PRECISION)
+
+    if BACKWARD:
+        OUT += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        tl.store(OUT + rows[:, None] * stride_ql + dims[None, :], (dq * scale).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & dim_ok[None, :])  # fmt: skip
+    else:
+        seen_any = l_i > 0
+        safe_sum = tl.where(seen_any, l_i, 1.0)
+        OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        tl.store(OUT + rows[:, None] * stride_ol + value_dims[None, :], (acc / safe_sum[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & value_dim_ok[None, :])  # fmt: skip
+        lse = tl.where(seen_any, (m_i + tl.math.log2(safe_sum)) * 0.6931471805599453, float("-inf"))  # ln 2
+        tl.store(LSE + row_base + rows, lse, mask=row_ok)
+
+
+_forward_kernel = triton.autotune(configs=_FORWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
+_query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per key tile: dK, dV of the local keys, and dKg, dVg of the global tokens.
+
+
+@triton.jit
+def _key_tile_grads(
+    Q, DO, LSE2, DELTA, k, v, key_index, key_ok, row_lo, row_hi, group,
+    stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+    dims, dim_ok, value_dims, value_dim_ok,
+    GLOBAL: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dK, dV (float32, unscaled) of one tile of keys (GLOBAL: of global tokens) from the query rows
+    row_lo .. row_hi - 1 of every query head of the group.  Q, DO, LSE2, DELTA point at the
+    group's first query head of this batch row."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for _ in range(group):
+        for start in range(row_lo, row_hi, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_hi
+            q = tl.load(Q + rows[:, None] * stride_ql + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0)  # fmt: skip
+            do = tl.load(DO + rows[:, None] * stride_ol + value_dims[None, :],
+                         mask=row_ok[:, None] & value_dim_ok[None, :], other=0.0)  # fmt: skip
+            lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            pos = rows + query_offset
+            if GLOBAL:
+                seen = _global_seen(_block_of(pos, block_size, num_blocks)[:, None], key_index[None, :], CAUSAL,
+                                    SCOPE_OWN)  # fmt: skip
+            else:
+                seen = _local_seen(pos[:, None], key_index[None, :], block_size, num_blocks, CAUSAL)
+            seen = seen & row_ok[:, None] & key_ok[None, :]
+            p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        Q += stride_qh
+        DO += stride_oh
+        LSE2 += q_len
+        DELTA += q_len
+    return dk, dv
+
+
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _key_grad_kernel(
+    Q, K, V, KEEP, DO, LSE2, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_ol,
+    kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
+    head_dim, value_dim,
+    CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK, dV (B, Hkv, S, D | Dv) of the local part: one program per BLOCK_N keys and key head."""
+    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    b, kv_h = batch_head // kv_heads, batch_head % kv_heads
+    K += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < seq_len
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    dim_ok, value_dim_ok = dims < head_dim, value_dims < value_dim
+    k, v = _load_keys(K, V, cols, col_ok, stride_ks, stride_vs, dims, dim_ok, value_dims, value_dim_ok)
+    key_ok = col_ok
+    if HAS_MASK:
+        key_ok = key_ok & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)
+
+    # The query positions that may see these keys: their blocks' span (causal: not before the keys).
+    first_key = tile * BLOCK_N
+    pos_lo, pos_hi = _local_key_range(first_key, tl.minimum(first_key + BLOCK_N, seq_len) - 1, seq_len, block_size,
+                                      num_blocks, False)  # fmt: skip
+    if CAUSAL:
+        pos_lo = tl.maximum(pos_lo, first_key)
+    first_head = (kv_h * group).to(tl.int64)
+    dk, dv = _key_tile_grads(
+        Q + b.to(tl.int64) * stride_qb + first_head * stride_qh, DO + b.to(tl.int64) * stride_ob + first_head * stride_oh,
+        LSE2 + (b * kv_heads * group + first_head) * q_len, DELTA + (b * kv_heads * group + first_head) * q_len,
+        k, v, cols, key_ok, tl.maximum(pos_lo - query_offset, 0), pos_hi - query_offset, group,
+        stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+        dims, dim_ok, value_dims, value_dim_ok,
+        False, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    DK += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    DV += b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
+    tl.store(DK + cols[:, None] * stride_ks + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & dim_ok[None, :])  # fmt: skip
+    tl.store(DV + cols[:, None] * stride_vs + value_dims[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & value_dim_ok[None, :])  # fmt: skip
+
+
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.jit
+def _global_grad_kernel(
+    Q, KG, VG, PRESENT, DO, LSE2, DELTA, DKG, DVG,
+    stride_qb, stride_qh, stride_ql,
+    stride_gb, stride_gh, stride_gg,
+    stride_wb, stride_wh, stride_wg,
+    stride_ob, stride_oh, stride_ol,
+    kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
+    head_dim, value_dim, rows_per_split,
+    CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One slice of query rows' share of dKg, dVg: one program per BLOCK_N global tokens, slice
+    and key head, written to float32 (splits, B, Hkv, G, D | Dv) buffers DKG, DVG."""
+    tile, split, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, kv_h = batch_head // kv_heads, batch_head % kv_heads
+    KG += b.to(tl.int64) * stride_gb + kv_h.to(tl.int64) * stride_gh
+    VG += b.to(tl.int64) * stride_wb + kv_h.to(tl.int64) * stride_wh
+    blocks = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = blocks < num_blocks
+    block_ok = in_range & (tl.load(PRESENT + b * num_blocks + blocks, mask=in_range, other=0) != 0)
+    dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    dim_ok, value_dim_ok = dims < head_dim, value_dims < value_dim
+    kg, vg = _load_keys(KG, VG, blocks, block_ok, stride_gg, stride_wg, dims, dim_ok, value_dims, value_dim_ok)
+
+    # The query positions that may see these global tokens.
+    first_block = tile * BLOCK_N
+    if CAUSAL:  # queries of later blocks
+        pos_lo = tl.where(first_block + 1 < num_blocks, (first_block + 1) * block_size, seq_len)
+        pos_hi = seq_len
+    elif SCOPE_OWN:  # queries of these blocks
+        last_block = tl.minimum(first_block + BLOCK_N, num_blocks) - 1
+        pos_lo, pos_hi = _local_key_range(first_block * block_size, last_block * block_size, seq_len, block_size,
+                                          num_blocks, False)  # fmt: skip
+    else:
+        pos_lo, pos_hi = 0, seq_len
+    row_lo = tl.maximum(pos_lo - query_offset, split * rows_per_split)
+    row_hi = tl.minimum(pos_hi - query_offset, tl.minimum(split * rows_per_split + rows_per_split, q_len))
+    first_head = (kv_h * group).to(tl.int64)
+    dkg, dvg = _key_tile_grads(
+        Q + b.to(tl.int64) * stride_qb + first_head * stride_qh, DO + b.to(tl.int64) * stride_ob + first_head * stride_oh,
+        LSE2 + (b * kv_heads * group + first_head) * q_len, DELTA + (b * kv_heads * group + first_head) * q_len,
+        kg, vg, blocks, block_ok, row_lo, row_hi, group,
+        stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+        dims, dim_ok, value_dims, value_dim_ok,
+        True, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    part = ((split * tl.num_programs(2) + batch_head) * num_blocks).to(tl.int64)
+    tl.store(DKG + (part + blocks[:, None]) * head_dim + dims[None, :], dkg * scale,
+             mask=in_range[:, None] & dim_ok[None, :])  # fmt: skip
+    tl.store(DVG + (part + blocks[:, None]) * value_dim + value_dims[None, :], dvg,
+             mask=in_range[:, None] & value_dim_ok[None, :])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops.
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and row strides of a (B, H, rows, E) tensor whose last dim is contiguous."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+
+
+def _static_args(query, key, value, key_keep, block_size, causal, scope_own) -> dict:
+    """Meta-parameters every kernel takes."""
+    return dict(
+        CAUSAL=causal,
+        SCOPE_OWN=scope_own,
+        HAS_MASK=key_keep is not None,
+        BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
+        BLOCK_DV=max(16, triton.next_power_of_2(value.shape[-1])),
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+
+
+@torch.library.custom_op("globalattn::triton_forward", mutates_args=())
+def _forward_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_global: torch.Tensor,
+    value_global: torch.Tensor,
+    key_keep: torch.Tensor | None,
+    present: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scope_own: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    query, key, value, key_global, value_global = _unit_last_stride(query, key, value, key_global, value_global)
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, seq_len = key.shape[1], key.shape[2]
+    out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
+    if q_len == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+    _forward_kernel[grid](
+        query, key, value, key_global, value_global, key_keep, present, None, None, None, out, lse,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
+        *_strides(out),
+        q_heads, q_heads // kv_heads, q_len, seq_len, key_global.shape[2], seq_len - q_len, block_size,
+        scale * LOG2_E, scale, query.shape[-1], value.shape[-1], BACKWARD=False,
+        **_static_args(query, key, value, key_keep, block_size, causal, scope_own),
+    )  # fmt: skip
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(query, key, value, key_global, value_global, key_keep, present, block_size, causal, scope_own, scale):
+    batch, q_heads, q_len, _ = query.shape
+    out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
+    return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32)
+
+
+@torch.library.custom_op("globalattn::triton_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_global: torch.Tensor,
+    value_global: torch.Tensor,
+    key_keep: torch.Tensor | None,
+    present: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scope_own: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    query, key, value, key_global, value_global, grad_out = _unit_last_stride(
+        query, key, value, key_global, value_global, grad_out
+    )
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, seq_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
+    num_blocks = key_global.shape[2]
+    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    if q_len == 0:
+        grad_key.zero_(), grad_value.zero_()
+        return grad_query, grad_key, grad_value, torch.zeros_like(key_global), torch.zeros_like(value_global)
+    lse2 = torch.where(torch.isfinite(lse), lse * LOG2_E, 0.0).contiguous()
+    delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
+    common = (q_len, seq_len, num_blocks, seq_len - q_len, block_size, scale * LOG2_E, scale, head_dim, value_dim)
+    static = _static_args(query, key, value, key_keep, block_size, causal, scope_own)
+    group = q_heads // kv_heads
+
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+    _query_grad_kernel[grid](
+        query, key, value, key_global, value_global, key_keep, present, grad_out, lse2, delta, grad_query, None,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
+        *_strides(grad_out), q_heads, group, *common, BACKWARD=True, **static,
+    )  # fmt: skip
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    _key_grad_kernel[grid](
+        query, key, value, key_keep, grad_out, lse2, delta, grad_key, grad_value,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
+        kv_heads, group, *common, **static,
+    )  # fmt: skip
+    splits = _global_grad_splits(query, batch * kv_heads, num_blocks)
+    rows_per_split = triton.cdiv(q_len, splits)
+    parts = [torch.empty(splits, batch, kv_heads, num_blocks, d, device=query.device) for d in (head_dim, value_dim)]
+    grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCK_N"]), splits, batch * kv_heads)  # noqa: E731
+    _global_grad_kernel[grid](
+        query, key_global, value_global, present, grad_out, lse2, delta, *parts,
+        *_strides(query), *_strides(key_global), *_strides(value_global), *_strides(grad_out),
+        kv_heads, group, *common, rows_per_split, **static,
+    )  # fmt: skip
+    grad_key_global, grad_value_global = (part.sum(0).to(query.dtype) for part in parts)  # a fixed order
+    return grad_query, grad_key, grad_value, grad_key_global, grad_value_global
+
+
+@_backward_op.register_fake
+def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
+    return tuple(torch.empty_like(x) for x in (query, key, value, key_global, value_global))
+
+
+def _global_grad_splits(query: torch.Tensor, kv_batch_heads: int, num_blocks: int) -> int:
+    """Slices of query rows for the global tokens' gradients: enough programs to fill the GPU
+    (each slice adds one (B, Hkv, G, D) float32 buffer)."""
+    if query.device.type != "cuda":
+        return 2  # the interpreter: exercise the sum over slices
+    programs = triton.cdiv(num_blocks, 64) * kv_batch_heads
+    units = torch.cuda.get_device_properties(query.device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * units, programs), triton.cdiv(query.shape[2], 256)))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, key_global, value_global, key_keep, present, block_size, causal, scope_own, scale = inputs
+    ctx.save_for_backward(query, key, value, key_global, value_global, key_keep, present, *output)
+    ctx.options = (block_size, causal, scope_own, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, key_global, value_global, key_keep, present, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
+    grads = _backward_op(
+        grad_out, grad_lse, query, key, value, key_global, value_global, key_keep, present, out, lse, *ctx.options
+    )
+    return (*grads, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)

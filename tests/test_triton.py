@@ -1,0 +1,127 @@
+"""What is particular to the Triton kernels (the SPEC grid itself runs in test_backends.py).
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest sets it), in float32 and float16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CUDA, SEED, Case, assert_max_error, case_params, grads_of
+from globalattn import backends, explain_backend, global_attention
+
+triton_backend = pytest.importorskip("globalattn.backends.triton")
+
+# Several tiles of queries, keys and global tokens at the interpreter's 16 x 16 tiles, global
+# tokens' gradients summed over slices of rows, and blocks both shorter and longer than a tile.
+LONG = [
+    Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=7),
+    Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=23, causal=True, mask="random"),
+    Case(B=2, Hq=2, Hkv=1, L=50, S=90, D=16, b=20, scope="own", mask="block"),
+]
+
+
+def test_the_kernels_run_here():
+    """CI has no GPU: if the interpreter were off, every triton test would skip and nothing would say so."""
+    q = torch.randn(1, 1, 4, 16, device="cuda" if torch.cuda.is_available() else "cpu")
+    options = dict(top_blocks=0, dropout_p=0.0)
+    assert backends.unsupported_reason("triton", q, q, q, options) is None
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(top_blocks=1), "top_blocks is not supported"),
+        (dict(dropout_p=0.1), "dropout is not supported"),
+        (dict(dtype=torch.float64), "dtype torch.float64 is not supported"),
+        (dict(head_dim=300), "head dims above 256"),
+    ],
+)
+def test_refusals_name_the_reason_and_the_fallback(change, reason):
+    dtype, head_dim = change.pop("dtype", torch.float32), change.pop("head_dim", 16)
+    q = torch.randn(1, 2, 8, head_dim, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"backend='triton' cannot compute this call: {reason}.*backend='torch' can"):
+        global_attention(q, q, q, 4, backend="triton", **change)
+
+
+def run(case, q, k, v, key_mask, upstream):
+    out, lse = case.attend("triton", q, k, v, key_mask, return_lse=True)
+    return (out, lse, *grads_of((out, lse), (q, k, v), upstream))
+
+
+@pytest.mark.parametrize("case", case_params(LONG))
+def test_many_tiles_match_the_torch_backend(case):
+    q, k, v, key_mask = case.inputs(torch.float32, requires_grad=True)
+    out = case.attend("torch", q, k, v, key_mask, return_lse=True)
+    upstream = (torch.randn_like(out[0]), torch.randn_like(out[1]))
+    expected = (*out, *grads_of(out, (q, k, v), upstream))
+    for name, got, exact in zip(("out", "lse", "dq", "dk", "dv"), run(case, q, k, v, key_mask, upstream), expected):
+        assert_max_error(got, exact, 2e-5 * max(1.0, exact.abs().max().item()), name)
+
+
+def test_deterministic():
+    """No atomics: the same call twice gives the same bits, gradients included."""
+    case = LONG[0]
+    q, k, v, key_mask = case.inputs(torch.float32, requires_grad=True)
+    upstream = (torch.randn(1, 4, 70, 16), torch.randn(1, 4, 70))
+    for first, second in zip(run(case, q, k, v, key_mask, upstream), run(case, q, k, v, key_mask, upstream)):
+        assert torch.equal(first, second)
+
+
+def test_strided_inputs():
+    """Queries in the (B, S, H, D) layout of a projection, viewed as (B, H, S, D)."""
+    case = SEED.replace(D=16, mask="random")
+    q, k, v, key_mask = case.inputs(torch.float32)
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not strided[0].is_contiguous()
+    expected = case.attend("triton", q, k, v, key_mask)
+    assert torch.equal(case.attend("triton", *strided, key_mask), expected)
+
+
+def test_compiles_as_one_graph():
+    """The kernels are custom ops: torch.compile traces through forward and backward without a break."""
+    case = SEED.replace(D=16, causal=True)
+    q, k, v, _ = case.inputs(torch.float32, requires_grad=True)
+
+    def loss(q, k, v):
+        return global_attention(q, k, v, case.b, causal=True, backend="triton").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_auto_is_torch_off_cuda():
+    q = torch.randn(1, 2, 8, 16)
+    name, passed_over = explain_backend(q, q, q, 4)
+    assert name == "torch" and passed_over == ["inputs are on cpu, and the fused backends are for CUDA"]
+
+
+@pytest.mark.gpu
+@CUDA
+def test_auto_prefers_triton_on_cuda():
+    q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    assert explain_backend(q, q, q, 64) == ("triton", [])
+    name, passed_over = explain_backend(q, q, q, 64, top_blocks=2)
+    assert name == "torch" and passed_over[0] == "triton: top_blocks is not supported"
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_realistic_size_on_gpu(causal, dtype):
+    """A long sequence at a real head dim, against the torch backend in float32 (on the GPU)."""
+    case = Case(B=2, Hq=8, Hkv=2, L=4000, S=4096, D=128, b=128, causal=causal, mask="random")
+    q, k, v, key_mask = case.inputs(dtype, "cuda", requires_grad=True)
+    out, lse = case.attend("triton", q, k, v, key_mask, return_lse=True)
+    upstream = (torch.randn_like(out), torch.randn_like(lse))
+    got = (out, lse, *grads_of((out, lse), (q, k, v), upstream))
+    exact_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    exact_out = case.attend("torch", *exact_inputs, key_mask, return_lse=True)
+    exact = (*exact_out, *grads_of(exact_out, exact_inputs, [u.float() for u in upstream]))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, exact):
+        assert_max_error(a, b, 2e-2 * max(1.0, b.abs().max().item()), name)
