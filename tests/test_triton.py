@@ -5,6 +5,12 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest sets it), in fl
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +33,20 @@ def test_the_kernels_run_here():
     q = torch.randn(1, 1, 4, 16, device="cuda" if torch.cuda.is_available() else "cpu")
     options = dict(top_blocks=0, dropout_p=0.0)
     assert backends.unsupported_reason("triton", q, q, q, options) is None
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Triton's GPU compiler accepts every kernel (bf16, D = 128) and its tiles fit an H100's shared
+    memory: what the interpreter cannot check, checked without a GPU."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("compile_for_gpu.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [k["kernel"] for k in kernels] == ["forward", "query_grad", "key_grad", "global_grad"]
+    assert all(0 < k["shared"] <= 227 * 1024 for k in kernels), kernels
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,10 @@ def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 _FORWARD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
 _BACKWARD_CONFIGS = _configs([(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)])
-_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "SCOPE_OWN", "HAS_MASK", "block_size", "DOT_PRECISION"]
+# Tuned once per head dims, options, block size and power-of-two bucket of the sequence length
+# (``seq_bucket``, an argument the kernels take for this alone): a tile that suits 1k tokens need
+# not suit 128k, and a new length within a bucket must not tune again.
+_AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "SCOPE_OWN", "HAS_MASK", "block_size", "seq_bucket", "DOT_PRECISION"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def _query_tile_kernel(
     stride_wb, stride_wh, stride_wg,
     stride_ob, stride_oh, stride_ol,
     q_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim,
+    head_dim, value_dim, seq_bucket,
     BACKWARD: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -262,7 +265,8 @@ def _query_tile_kernel(
         seen_any = l_i > 0
         safe_sum = tl.where(seen_any, l_i, 1.0)
         OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-        tl.store(OUT + rows[:, None] * stride_ol + value_dims[None, :], (acc / safe_sum[:, None]).to(OUT.dtype.element_ty),
+        out = acc / safe_sum[:, None]
+        tl.store(OUT + rows[:, None] * stride_ol + value_dims[None, :], out.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & value_dim_ok[None, :])  # fmt: skip
         lse = tl.where(seen_any, (m_i + tl.math.log2(safe_sum)) * 0.6931471805599453, float("-inf"))  # ln 2
         tl.store(LSE + row_base + rows, lse, mask=row_ok)
@@ -278,15 +282,20 @@ _query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KE
 
 @triton.jit
 def _key_tile_grads(
-    Q, DO, LSE2, DELTA, k, v, key_index, key_ok, row_lo, row_hi, group,
-    stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+    Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group, k, v, key_index, key_ok, row_lo, row_hi,
+    stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+    q_len, query_offset, block_size, num_blocks, scale_log2,
     dims, dim_ok, value_dims, value_dim_ok,
     GLOBAL: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (float32, unscaled) of one tile of keys (GLOBAL: of global tokens) from the query rows
-    row_lo .. row_hi - 1 of every query head of the group.  Q, DO, LSE2, DELTA point at the
-    group's first query head of this batch row."""
+    row_lo .. row_hi - 1 of every query head of key head kv_h's group, in batch row b."""
+    first_head = (b * kv_heads + kv_h).to(tl.int64) * group  # batch row b's query heads, flattened
+    Q += b.to(tl.int64) * stride_qb + (kv_h * group).to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_ob + (kv_h * group).to(tl.int64) * stride_oh
+    LSE2 += first_head * q_len
+    DELTA += first_head * q_len
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for _ in range(group):
@@ -325,7 +334,7 @@ def _key_grad_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_ol,
     kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim,
+    head_dim, value_dim, seq_bucket,
     CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -350,12 +359,11 @@ def _key_grad_kernel(
                                       num_blocks, False)  # fmt: skip
     if CAUSAL:
         pos_lo = tl.maximum(pos_lo, first_key)
-    first_head = (kv_h * group).to(tl.int64)
     dk, dv = _key_tile_grads(
-        Q + b.to(tl.int64) * stride_qb + first_head * stride_qh, DO + b.to(tl.int64) * stride_ob + first_head * stride_oh,
-        LSE2 + (b * kv_heads * group + first_head) * q_len, DELTA + (b * kv_heads * group + first_head) * q_len,
-        k, v, cols, key_ok, tl.maximum(pos_lo - query_offset, 0), pos_hi - query_offset, group,
-        stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+        Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group,
+        k, v, cols, key_ok, tl.maximum(pos_lo - query_offset, 0), pos_hi - query_offset,
+        stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+        q_len, query_offset, block_size, num_blocks, scale_log2,
         dims, dim_ok, value_dims, value_dim_ok,
         False, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
@@ -376,7 +384,7 @@ def _global_grad_kernel(
     stride_wb, stride_wh, stride_wg,
     stride_ob, stride_oh, stride_ol,
     kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim, rows_per_split,
+    head_dim, value_dim, seq_bucket, rows_per_split,
     CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -407,12 +415,10 @@ def _global_grad_kernel(
         pos_lo, pos_hi = 0, seq_len
     row_lo = tl.maximum(pos_lo - query_offset, split * rows_per_split)
     row_hi = tl.minimum(pos_hi - query_offset, tl.minimum(split * rows_per_split + rows_per_split, q_len))
-    first_head = (kv_h * group).to(tl.int64)
     dkg, dvg = _key_tile_grads(
-        Q + b.to(tl.int64) * stride_qb + first_head * stride_qh, DO + b.to(tl.int64) * stride_ob + first_head * stride_oh,
-        LSE2 + (b * kv_heads * group + first_head) * q_len, DELTA + (b * kv_heads * group + first_head) * q_len,
-        kg, vg, blocks, block_ok, row_lo, row_hi, group,
-        stride_qh, stride_ql, stride_oh, stride_ol, q_len, query_offset, block_size, num_blocks, scale_log2,
+        Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group, kg, vg, blocks, block_ok, row_lo, row_hi,
+        stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+        q_len, query_offset, block_size, num_blocks, scale_log2,
         dims, dim_ok, value_dims, value_dim_ok,
         True, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
@@ -475,7 +481,7 @@ def _forward_op(
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
         *_strides(out),
         q_heads, q_heads // kv_heads, q_len, seq_len, key_global.shape[2], seq_len - q_len, block_size,
-        scale * LOG2_E, scale, query.shape[-1], value.shape[-1], BACKWARD=False,
+        scale * LOG2_E, scale, query.shape[-1], value.shape[-1], triton.next_power_of_2(seq_len), BACKWARD=False,
         **_static_args(query, key, value, key_keep, block_size, causal, scope_own),
     )  # fmt: skip
     return out, lse
@@ -519,6 +525,7 @@ def _backward_op(
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2_E, 0.0).contiguous()
     delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
     common = (q_len, seq_len, num_blocks, seq_len - q_len, block_size, scale * LOG2_E, scale, head_dim, value_dim)
+    common += (triton.next_power_of_2(seq_len),)  # seq_bucket
     static = _static_args(query, key, value, key_keep, block_size, causal, scope_own)
     group = q_heads // kv_heads
 

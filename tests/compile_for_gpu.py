@@ -1,0 +1,56 @@
+"""Compile the Triton kernels for a Hopper GPU (sm_90) on a machine without one.
+
+The interpreter runs the kernels' logic but not Triton's GPU compiler, which is where type errors,
+unsupported operations and tiles too large for shared memory show up.  Run as a script in a
+process without TRITON_INTERPRET; prints one JSON line per kernel: its name and shared memory.
+"""
+
+from __future__ import annotations
+
+import json
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import globalattn.backends.triton as kernels
+
+FLOAT_ARGS = {"scale_log2", "scale"}
+
+
+def compile_for_hopper(autotuned, pointers: dict, constants: dict) -> dict:
+    """Compile ``autotuned``'s first configuration; pointers maps pointer arguments to Triton
+    types (None: not passed), constants the constexpr arguments other than the tile sizes."""
+    jit, config = autotuned.fn, autotuned.configs[0]
+    constants = {**constants, **config.kwargs}
+    signature, constexprs = {}, {}
+    for i, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
+        if param.is_constexpr or pointers.get(name, "") is None:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = constants[name] if param.is_constexpr else None
+        else:
+            signature[name] = pointers.get(name) or ("fp32" if name in FLOAT_ARGS else "i32")
+    source = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return {"shared": compiled.metadata.shared, **config.kwargs}
+
+
+def main() -> None:
+    t = "*bf16"
+    inputs = dict(Q=t, K=t, V=t, KG=t, VG=t, KEEP="*i8", PRESENT="*i8")
+    grads = dict(DO=t, LSE2="*fp32", DELTA="*fp32")
+    options = dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, BLOCK_D=128, BLOCK_DV=128, DOT_PRECISION="tf32")
+    plan = {
+        "forward": (kernels._forward_kernel, {**inputs, "DO": None, "LSE2": None, "DELTA": None, "OUT": t,
+                                              "LSE": "*fp32"}, {"BACKWARD": False}),
+        "query_grad": (kernels._query_grad_kernel, {**inputs, **grads, "OUT": t, "LSE": None}, {"BACKWARD": True}),
+        "key_grad": (kernels._key_grad_kernel, {**inputs, **grads, "DK": t, "DV": t}, {}),
+        "global_grad": (kernels._global_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32"}, {}),
+    }  # fmt: skip
+    for name, (kernel, pointers, extra) in plan.items():
+        print(json.dumps({"kernel": name, **compile_for_hopper(kernel, pointers, {**options, **extra})}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
