@@ -4,7 +4,8 @@
   report header; set ``GLOBALATTN_TEST_SEED`` to replay a run) mixed with the test's id.
 - ``device``: "cpu", and "cuda" (marked ``gpu``, skipped without a CUDA device).
 - Without a CUDA device the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here
-  before globalattn imports them), so the "triton" backend is tested on the CPU too.
+  before globalattn imports them), so the "triton" backend is tested on the CPU too; on a GPU they
+  run with their default tiles only (GLOBALATTN_TRITON_AUTOTUNE=0), not tuned per test shape.
 - ``Case``: one attention problem (shapes and options) with a readable id, and its random inputs.
 - ``dense_attention``: masked dense softmax over [keys ; global tokens] in differentiable torch ops,
   built from the oracle's allowed mask and pooling matrix.  At float64 it is the gradient reference;
@@ -24,6 +25,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("GLOBALATTN_TRITON_AUTOTUNE", "0")  # one tile configuration: no tuning per test shape
 
 import oracle  # noqa: E402
 from globalattn import backends, global_attention  # noqa: E402

@@ -23,8 +23,8 @@ def _import_fused(name: str):
     """The fused backend's module; if it cannot be imported, the reason."""
     try:
         return importlib.import_module(f"globalattn.backends.{name}")
-    except ImportError as error:
-        return f"it needs {error.name}, which is not installed"
+    except ImportError as error:  # triton missing, or a torch without what flex_attention needs
+        return f"it cannot be imported here ({error})"
 
 
 _FUSED = {name: _import_fused(name) for name in ("flex", "triton")}
