@@ -1,0 +1,104 @@
+"""benchmarks/gpu.py: its whole pipeline at tiny sizes on the CPU (--smoke), its refusal without a GPU,
+its plan, and the issue's targets read off rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def _load():
+    module_spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_smoke_runs_the_pipeline_and_writes_json(tmp_path):
+    out = tmp_path / "smoke.json"
+    done = _run("--smoke", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["stopped"] is None
+    assert report["config"]["smoke"] and report["versions"]["torch"]
+    assert report["matmul"]["tflops"] > 0
+    gate = {(g["backend"], g["mode"], g["dtype"]): g["status"] for g in report["gate"]}
+    assert gate == {("torch", m, d): "passed" for m in ("bidir", "causal") for d in ("float32", "bfloat16")}
+
+    rows = report["rows"]
+    torch_rows = [r for r in rows if r["contender"] == "torch"]
+    # 2 sequence lengths x 2 block sizes (32, and 64 ~ sqrt(S)) x 2 modes x 3 passes
+    assert len(torch_rows) == 24
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 and r["samples_ms"] for r in torch_rows)
+    assert {r["block_size"] for r in torch_rows} == {32, 64}
+    dense = [r for r in rows if r["contender"] == "sdpa-math"]
+    assert len(dense) == 12 and all(r["block_size"] is None and r["status"] == "ok" for r in dense)
+    cudnn = [r for r in rows if r["contender"] == "sdpa-cudnn"]  # raises on a CPU: recorded, the run goes on
+    assert cudnn and all(r["status"] == "skipped" and r["reason"] for r in cudnn)
+    # a causal row counts fewer useful FLOPs than its bidirectional twin
+    forward = [r for r in torch_rows if r["block_size"] == 32 and r["pass"] == "fwd"]
+    flops = {(r["seq"], r["mode"]): r["useful_flops"] for r in forward}
+    assert flops[(512, "causal")] < flops[(512, "bidir")]
+
+    targets = report["targets"]
+    assert all(p["speedup"] is None for p in targets["triton_over_flex"]["points"])  # triton is not run here
+    assert targets["forward_matmul_fraction"]["fraction"] is None
+    lines = done.stdout.rstrip().splitlines()
+    assert lines[-1] == f"wrote {out}"
+    assert any(line.startswith("targets (same card, same run)") for line in lines[-12:])
+
+
+def test_without_cuda_it_refuses_in_one_line(tmp_path):
+    done = _run("--out", str(tmp_path), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("benchmarks/gpu.py: error: no CUDA device")
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_puts_the_targets_grid_first():
+    gpu = _load()
+    args = gpu._parse([])
+    points = gpu.plan(args)
+    assert points[:4] == [(131072, 128), (65536, 128), (16384, 128), (4096, 128)]
+    assert points[4:] == [(4096, 64), (65536, 256), (131072, 384)]  # ~sqrt(S); 16k's is 128 already
+    long = gpu.plan(gpu._parse(["--long", "--all-blocks"]))
+    assert long[4:10] == [(262144, 128), (262144, 512), (524288, 128), (524288, 704), (1048576, 128), (1048576, 1024)]
+    assert len(long) == len(set(long))
+
+
+def test_targets_are_read_off_the_rows():
+    gpu = _load()
+    config = {"seqs": [16384, 131072], "target_block": 128, "contenders": list(gpu.CONTENDERS)}
+    rows = []
+    for seq in config["seqs"]:
+        for mode in gpu.MODES:
+            for which in ("fwd", "fwd+bwd"):
+                common = {"seq": seq, "mode": mode, "pass": which, "status": "ok"}
+                rows.append({**common, "block_size": 128, "contender": "triton", "ms": 1.0, "tflops": 500.0})
+                rows.append({**common, "block_size": 128, "contender": "flex", "ms": 2.0 if seq == 16384 else 1.2})
+                rows[-2]["extra_peak_bytes"] = 100
+                rows.append({**common, "block_size": None, "contender": "sdpa-cudnn", "extra_peak_bytes": 150})
+    report = {"config": config, "rows": rows, "matmul": {"tflops": 800.0}}
+    result = gpu.targets(report)
+    speedups = {(p["seq"], p["mode"], p["pass"]): p for p in result["triton_over_flex"]["points"]}
+    assert speedups[(16384, "causal", "fwd+bwd")]["speedup"] == 2.0 and speedups[(16384, "bidir", "fwd")]["meets"]
+    assert speedups[(131072, "bidir", "fwd")]["speedup"] == 1.2 and not speedups[(131072, "bidir", "fwd")]["meets"]
+    fraction = result["forward_matmul_fraction"]
+    assert fraction["seq"] == 131072 and fraction["fraction"] == 500 / 800 and fraction["meets"]
+    memory = result["peak_memory_vs_dense"]["points"]
+    assert all(p["ratio"] == 100 / 150 and p["meets"] for p in memory)
+
+    rows[0] |= {"status": "skipped", "reason": "ValueError: no kernel"}
+    first = gpu.targets(report)["triton_over_flex"]["points"][0]
+    assert first["speedup"] is None and first["reason"] == "triton: ValueError: no kernel"
