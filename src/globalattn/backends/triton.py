@@ -441,8 +441,11 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _unit_last_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
-    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+def _kernel_layout(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors as the kernels read them: unit stride along the head dim, and every offset within
+    one (batch, head) slice in int32 (the kernels add batch and head offsets in int64); a layout
+    that misses either is copied to a contiguous one."""
+    return [x if x.stride(-1) == 1 and x.shape[2] * x.stride(2) < 2**31 else x.contiguous() for x in xs]
 
 
 def _static_args(query, key, value, key_keep, block_size, causal, scope_own) -> dict:
@@ -471,7 +474,7 @@ def _forward_op(
     scope_own: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    query, key, value, key_global, value_global = _unit_last_stride(query, key, value, key_global, value_global)
+    query, key, value, key_global, value_global = _kernel_layout(query, key, value, key_global, value_global)
     batch, q_heads, q_len, _ = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
@@ -515,7 +518,7 @@ def _backward_op(
     scope_own: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    query, key, value, key_global, value_global, grad_out = _unit_last_stride(
+    query, key, value, key_global, value_global, grad_out = _kernel_layout(
         query, key, value, key_global, value_global, grad_out
     )
     batch, q_heads, q_len, head_dim = query.shape
