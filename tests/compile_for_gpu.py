@@ -2,7 +2,7 @@
 
 The interpreter runs the kernels' logic but not Triton's GPU compiler, which is where type errors,
 unsupported operations and tiles too large for shared memory show up.  Run as a script in a
-process without TRITON_INTERPRET; prints one JSON line per kernel: its name and shared memory.
+process without TRITON_INTERPRET; prints one JSON line per kernel and mode: its shared memory.
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def main() -> None:
     t = "*bf16"
     inputs = dict(Q=t, K=t, V=t, KG=t, VG=t, KEEP="*i8", PRESENT="*i8")
     grads = dict(DO=t, LSE2="*fp32", DELTA="*fp32")
-    options = dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, BLOCK_D=128, BLOCK_DV=128, DOT_PRECISION="tf32")
+    dims = dict(BLOCK_D=128, BLOCK_DV=128, DOT_PRECISION="tf32")
+    modes = {  # the two ends: every mask in play, and none (scope "all" without padding)
+        "causal-masked": dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, **dims),
+        "bidirectional": dict(CAUSAL=False, SCOPE_OWN=False, HAS_MASK=False, **dims),
+    }
     plan = {
         "forward": (kernels._forward_kernel, {**inputs, "DO": None, "LSE2": None, "DELTA": None, "OUT": t,
                                               "LSE": "*fp32"}, {"BACKWARD": False}),
@@ -48,8 +52,10 @@ def main() -> None:
         "key_grad": (kernels._key_grad_kernel, {**inputs, **grads, "DK": t, "DV": t}, {}),
         "global_grad": (kernels._global_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32"}, {}),
     }  # fmt: skip
-    for name, (kernel, pointers, extra) in plan.items():
-        print(json.dumps({"kernel": name, **compile_for_hopper(kernel, pointers, {**options, **extra})}), flush=True)
+    for mode, options in modes.items():
+        for name, (kernel, pointers, extra) in plan.items():
+            compiled = compile_for_hopper(kernel, pointers, {**options, **extra})
+            print(json.dumps({"kernel": name, "mode": mode, **compiled}), flush=True)
 
 
 if __name__ == "__main__":

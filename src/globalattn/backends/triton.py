@@ -119,7 +119,7 @@ def _global_seen(query_block, global_block, CAUSAL: tl.constexpr, SCOPE_OWN: tl.
     elif SCOPE_OWN:
         seen = global_block == query_block
     else:
-        seen = (global_block >= 0) & (query_block >= 0)  # every block (broadcast to the tile)
+        seen = global_block >= 0  # every block: a (1, N) row, broadcast where it is used
     return seen
 
 
@@ -249,7 +249,9 @@ def _query_tile_kernel(
     g_lo, g_hi = _global_range(first_block, _block_of(last_pos, block_size, num_blocks), num_blocks, CAUSAL, SCOPE_OWN)
     for start in range(g_lo, g_hi, BLOCK_N):
         blocks = start + tl.arange(0, BLOCK_N)
-        block_ok = (blocks < g_hi) & (tl.load(PRESENT + b * num_blocks + blocks, mask=blocks < g_hi, other=0) != 0)
+        block_ok = blocks < g_hi
+        if HAS_MASK:  # without padding every block has a global token
+            block_ok = block_ok & (tl.load(PRESENT + b * num_blocks + blocks, mask=block_ok, other=0) != 0)
         kg, vg = _load_keys(KG, VG, blocks, block_ok, stride_gg, stride_wg, dims, dim_ok, value_dims, value_dim_ok)
         seen = _global_seen(query_block[:, None], blocks[None, :], CAUSAL, SCOPE_OWN) & block_ok[None, :]
         if BACKWARD:
@@ -400,7 +402,9 @@ def _global_grad_kernel(
     VG += b.to(tl.int64) * stride_wb + kv_h.to(tl.int64) * stride_wh
     blocks = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = blocks < num_blocks
-    block_ok = in_range & (tl.load(PRESENT + b * num_blocks + blocks, mask=in_range, other=0) != 0)
+    block_ok = in_range
+    if HAS_MASK:  # without padding every block has a global token
+        block_ok = block_ok & (tl.load(PRESENT + b * num_blocks + blocks, mask=in_range, other=0) != 0)
     dims, value_dims = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     dim_ok, value_dim_ok = dims < head_dim, value_dims < value_dim
     kg, vg = _load_keys(KG, VG, blocks, block_ok, stride_gg, stride_wg, dims, dim_ok, value_dims, value_dim_ok)
