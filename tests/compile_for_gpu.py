@@ -49,7 +49,8 @@ def main() -> None:
         "forward": (kernels._forward_kernel, {**inputs, "DO": None, "LSE2": None, "DELTA": None, "OUT": t,
                                               "LSE": "*fp32"}, {"BACKWARD": False}),
         "query_grad": (kernels._query_grad_kernel, {**inputs, **grads, "OUT": t, "LSE": None}, {"BACKWARD": True}),
-        "key_grad": (kernels._key_grad_kernel, {**inputs, **grads, "DK": t, "DV": t}, {}),
+        "key_grad": (kernels._key_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32",
+                                                "INV_COUNT": "*fp32", "DK": t, "DV": t}, {}),
         "global_grad": (kernels._global_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32"}, {}),
     }  # fmt: skip
     for mode, options in modes.items():

@@ -62,19 +62,26 @@ def pool_blocks(
     """
     batch, _, seq_len, _ = xs[0].shape
     acc_dtype = torch.promote_types(xs[0].dtype, torch.float32)
-    if key_mask is None:
-        weights = torch.ones(batch, seq_len, dtype=acc_dtype, device=xs[0].device)
-    else:
-        weights = key_mask.to(acc_dtype)
-    counts = _block_sums(weights[:, None, :, None], block_size, remainder)[:, 0, :, 0]  # (B, G)
+    counts = real_token_counts(key_mask, batch, seq_len, block_size, remainder, xs[0].device, acc_dtype)
     inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
 
     def real_tokens(x):  # (B, H, S, D) in the accumulation dtype, padding zeroed (no pass when none)
         x = x.to(acc_dtype)
-        return x if key_mask is None else x * weights[:, None, :, None]
+        return x if key_mask is None else x * key_mask[:, None, :, None]
 
     means = tuple((_block_sums(real_tokens(x), block_size, remainder) * inverse_counts).to(x.dtype) for x in xs)
     return means, counts > 0
+
+
+def real_token_counts(
+    key_mask: torch.Tensor | None, batch: int, seq_len: int, block_size: int, remainder: str, device, dtype
+) -> torch.Tensor:
+    """(B, G): how many real tokens each block holds, the denominator of its global token."""
+    if key_mask is None:
+        weights = torch.ones(batch, seq_len, dtype=dtype, device=device)
+    else:
+        weights = key_mask.to(dtype)
+    return _block_sums(weights[:, None, :, None], block_size, remainder)[:, 0, :, 0]
 
 
 def _block_sums(x: torch.Tensor, block_size: int, remainder: str) -> torch.Tensor:

@@ -11,13 +11,15 @@ Backward recomputes the probabilities from the stored lse, as flash-attention do
 kernels that write disjoint outputs (no atomics, so the result is deterministic):
 
 - ``_query_grad_kernel``, per query tile: dQ over the local keys and the global tokens;
-- ``_key_grad_kernel``, per tile of BLOCK_N keys and key/value head: dK, dV of the local part,
-  summed over the query heads of the group and the query tiles that see those keys;
 - ``_global_grad_kernel``, per tile of global tokens, key/value head and slice of query rows:
-  that slice's share of dKg, dVg, written to its own buffer and summed in a fixed order after.
+  that slice's share of dKg, dVg, written to its own buffer and summed in a fixed order after;
+- ``_key_grad_kernel``, per tile of BLOCK_N keys and key/value head: dK, dV of the local part,
+  summed over the query heads of the group and the query tiles that see those keys, plus the
+  pooling's backward (each real key's share of its block's dKg, dVg), so that dK and dV are
+  written once and no gradient of the global tokens reaches autograd.
 
-The pooling into global tokens (``spec.pool_blocks``) stays in PyTorch: it is one pass over K and
-V, and autograd carries dKg, dVg back to every key of the block.
+The pooling itself (``spec.pool_blocks``) is one pass over K and V in PyTorch, inside the op and
+again in backward (cheaper than keeping the pooled tensors between the two).
 
 Both directions are registered as custom ops (``globalattn::triton_forward`` / ``_backward``), so
 ``torch.compile`` treats a call as one opaque node instead of breaking the graph.
@@ -64,10 +66,7 @@ def unsupported(query, key, value, options) -> str | None:
 
 
 def attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
-    keep = None if key_mask is None else key_mask.to(torch.int8)
-    options = (block_size, causal, scope == "own", scale)
-    return _forward_op(query, key, value, key_global, value_global, keep, present.to(torch.int8), *options)
+    return _forward_op(query, key, value, key_mask, block_size, remainder, causal, scope == "own", scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +332,7 @@ def _key_tile_grads(
 @triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _key_grad_kernel(
-    Q, K, V, KEEP, DO, LSE2, DELTA, DK, DV,
+    Q, K, V, KEEP, DO, LSE2, DELTA, DKG, DVG, INV_COUNT, DK, DV,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -344,7 +343,9 @@ def _key_grad_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV (B, Hkv, S, D | Dv) of the local part: one program per BLOCK_N keys and key head."""
+    """dK, dV (B, Hkv, S, D | Dv): one program per BLOCK_N keys and key head.  The local part, plus
+    the pooling's backward: each real key's share of its block's dKg, dVg (float32 (B, Hkv, G, D |
+    Dv), from ``_global_grad_kernel``), one over the block's count of real tokens (INV_COUNT, (B, G))."""
     tile, batch_head = tl.program_id(0), tl.program_id(1)
     b, kv_h = batch_head // kv_heads, batch_head % kv_heads
     K += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
@@ -372,9 +373,16 @@ def _key_grad_kernel(
         dims, dim_ok, value_dims, value_dim_ok,
         False, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
+    key_block = _block_of(cols, block_size, num_blocks)
+    share = tl.load(INV_COUNT + b * num_blocks + key_block, mask=key_ok, other=0.0)  # 0 for padding
+    pooled = (b * kv_heads + kv_h).to(tl.int64) * num_blocks + key_block  # the block's row of DKG, DVG
+    dk = dk * scale + share[:, None] * tl.load(DKG + pooled[:, None] * head_dim + dims[None, :],
+                                               mask=key_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+    dv += share[:, None] * tl.load(DVG + pooled[:, None] * value_dim + value_dims[None, :],
+                                   mask=key_ok[:, None] & value_dim_ok[None, :], other=0.0)  # fmt: skip
     DK += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     DV += b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    tl.store(DK + cols[:, None] * stride_ks + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+    tl.store(DK + cols[:, None] * stride_ks + dims[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None] & dim_ok[None, :])  # fmt: skip
     tl.store(DV + cols[:, None] * stride_vs + value_dims[None, :], dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & value_dim_ok[None, :])  # fmt: skip
@@ -452,7 +460,7 @@ def _kernel_layout(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 and x.shape[2] * x.stride(2) < 2**31 else x.contiguous() for x in xs]
 
 
-def _static_args(query, key, value, key_keep, block_size, causal, scope_own) -> dict:
+def _static_args(query, value, key_keep, causal, scope_own) -> dict:
     """Meta-parameters every kernel takes."""
     return dict(
         CAUSAL=causal,
@@ -464,21 +472,28 @@ def _static_args(query, key, value, key_keep, block_size, causal, scope_own) -> 
     )
 
 
+def _global_tokens(key, value, key_mask, block_size, remainder):
+    """The pooled keys and values, which blocks have a global token and which keys are real, as the
+    kernels read them (int8 for the flags)."""
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    keep = None if key_mask is None else key_mask.to(torch.int8)
+    return key_global, value_global, present.to(torch.int8), keep
+
+
 @torch.library.custom_op("globalattn::triton_forward", mutates_args=())
 def _forward_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    key_global: torch.Tensor,
-    value_global: torch.Tensor,
-    key_keep: torch.Tensor | None,
-    present: torch.Tensor,
+    key_mask: torch.Tensor | None,
     block_size: int,
+    remainder: str,
     causal: bool,
     scope_own: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    query, key, value, key_global, value_global = _kernel_layout(query, key, value, key_global, value_global)
+    query, key, value = _kernel_layout(query, key, value)
+    key_global, value_global, present, keep = _global_tokens(key, value, key_mask, block_size, remainder)
     batch, q_heads, q_len, _ = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
@@ -487,18 +502,18 @@ def _forward_op(
         return out, lse
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
     _forward_kernel[grid](
-        query, key, value, key_global, value_global, key_keep, present, None, None, None, out, lse,
+        query, key, value, key_global, value_global, keep, present, None, None, None, out, lse,
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
         *_strides(out),
         q_heads, q_heads // kv_heads, q_len, seq_len, key_global.shape[2], seq_len - q_len, block_size,
         scale * LOG2_E, scale, query.shape[-1], value.shape[-1], triton.next_power_of_2(seq_len), BACKWARD=False,
-        **_static_args(query, key, value, key_keep, block_size, causal, scope_own),
+        **_static_args(query, value, keep, causal, scope_own),
     )  # fmt: skip
     return out, lse
 
 
 @_forward_op.register_fake
-def _(query, key, value, key_global, value_global, key_keep, present, block_size, causal, scope_own, scale):
+def _(query, key, value, key_mask, block_size, remainder, causal, scope_own, scale):
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32)
@@ -511,45 +526,36 @@ def _backward_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    key_global: torch.Tensor,
-    value_global: torch.Tensor,
-    key_keep: torch.Tensor | None,
-    present: torch.Tensor,
+    key_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     block_size: int,
+    remainder: str,
     causal: bool,
     scope_own: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    query, key, value, key_global, value_global, grad_out = _kernel_layout(
-        query, key, value, key_global, value_global, grad_out
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    query, key, value, grad_out = _kernel_layout(query, key, value, grad_out)
+    # Pooled again rather than kept from forward: one pass over K and V, and no memory held between.
+    key_global, value_global, present, keep = _global_tokens(key, value, key_mask, block_size, remainder)
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, seq_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
     num_blocks = key_global.shape[2]
-    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     if q_len == 0:
-        grad_key.zero_(), grad_value.zero_()
-        return grad_query, grad_key, grad_value, torch.zeros_like(key_global), torch.zeros_like(value_global)
+        return torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2_E, 0.0).contiguous()
     delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
     common = (q_len, seq_len, num_blocks, seq_len - q_len, block_size, scale * LOG2_E, scale, head_dim, value_dim)
     common += (triton.next_power_of_2(seq_len),)  # seq_bucket
-    static = _static_args(query, key, value, key_keep, block_size, causal, scope_own)
+    static = _static_args(query, value, keep, causal, scope_own)
     group = q_heads // kv_heads
 
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
     _query_grad_kernel[grid](
-        query, key, value, key_global, value_global, key_keep, present, grad_out, lse2, delta, grad_query, None,
+        query, key, value, key_global, value_global, keep, present, grad_out, lse2, delta, grad_query, None,
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
         *_strides(grad_out), q_heads, group, *common, BACKWARD=True, **static,
-    )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
-    _key_grad_kernel[grid](
-        query, key, value, key_keep, grad_out, lse2, delta, grad_key, grad_value,
-        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
-        kv_heads, group, *common, **static,
     )  # fmt: skip
     splits = _global_grad_splits(query, batch * kv_heads, num_blocks)
     rows_per_split = triton.cdiv(q_len, splits)
@@ -560,13 +566,21 @@ def _backward_op(
         *_strides(query), *_strides(key_global), *_strides(value_global), *_strides(grad_out),
         kv_heads, group, *common, rows_per_split, **static,
     )  # fmt: skip
-    grad_key_global, grad_value_global = (part.sum(0).to(query.dtype) for part in parts)  # a fixed order
-    return grad_query, grad_key, grad_value, grad_key_global, grad_value_global
+    grad_key_global, grad_value_global = (part.sum(0) for part in parts)  # a fixed order: deterministic
+    counts = spec.real_token_counts(key_mask, batch, seq_len, block_size, remainder, query.device, torch.float32)
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    _key_grad_kernel[grid](
+        query, key, value, keep, grad_out, lse2, delta, grad_key_global, grad_value_global,
+        1.0 / counts.clamp(min=1), grad_key, grad_value,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
+        kv_heads, group, *common, **static,
+    )  # fmt: skip
+    return grad_query, grad_key, grad_value
 
 
 @_backward_op.register_fake
-def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
-    return tuple(torch.empty_like(x) for x in (query, key, value, key_global, value_global))
+def _(grad_out, grad_lse, query, key, value, *rest):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _global_grad_splits(query: torch.Tensor, kv_batch_heads: int, num_blocks: int) -> int:
@@ -580,18 +594,16 @@ def _global_grad_splits(query: torch.Tensor, kv_batch_heads: int, num_blocks: in
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, key_global, value_global, key_keep, present, block_size, causal, scope_own, scale = inputs
-    ctx.save_for_backward(query, key, value, key_global, value_global, key_keep, present, *output)
-    ctx.options = (block_size, causal, scope_own, scale)
+    query, key, value, key_mask, *options = inputs
+    ctx.save_for_backward(query, key, value, key_mask, *output)
+    ctx.options = options  # block_size, remainder, causal, scope_own, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, key_global, value_global, key_keep, present, out, lse = ctx.saved_tensors
+    query, key, value, key_mask, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    grads = _backward_op(
-        grad_out, grad_lse, query, key, value, key_global, value_global, key_keep, present, out, lse, *ctx.options
-    )
+    grads = _backward_op(grad_out, grad_lse, query, key, value, key_mask, out, lse, *ctx.options)
     return (*grads, None, None, None, None, None, None)
 
 
