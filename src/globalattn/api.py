@@ -77,12 +77,9 @@ def global_attention(
     PyTorch, any device, the whole contract) or ``"reference"`` (dense and explicit: the oracle,
     O(L * S) memory).  Asking for a backend that cannot compute the call is a ValueError that says why.
     """
-    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
-    _check_value(value, key)
-    checks.probability("dropout_p", dropout_p)
+    args = _check_call(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p)
     checks.boolean("return_lse", return_lse)
     checks.choice("backend", backend, ("auto", *backends.NAMES))
-    args["dropout_p"] = dropout_p
     if backend == "auto":
         backend, _ = backends.explain_backend(query, key, value, args)
     else:
@@ -113,10 +110,8 @@ def explain_backend(
     >>> explain_backend(q, k, v, 128)   # doctest: +SKIP
     ('triton', [])
     """
-    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
-    _check_value(value, key)
-    checks.probability("dropout_p", dropout_p)
-    return backends.explain_backend(query, key, value, {**args, "dropout_p": dropout_p})
+    args = _check_call(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p)
+    return backends.explain_backend(query, key, value, args)
 
 
 def attention_weights(
@@ -146,6 +141,14 @@ def attention_weights(
 
 # ---------------------------------------------------------------------------------------------
 # Validation: every refusal is a ValueError that names the argument and what would be valid.
+
+
+def _check_call(query, key, value, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
+    """Check a call of global_attention (all but its output options); return the backends' arguments."""
+    args = _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    _check_value(value, key)
+    checks.probability("dropout_p", dropout_p)
+    return {**args, "dropout_p": dropout_p}
 
 
 def _check_attention_args(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks) -> dict:

@@ -160,9 +160,10 @@ def _load_keys(K, V, key_pos, key_ok, stride_k, stride_v, dims, dim_ok, value_di
 
 
 @triton.jit
-def _online_softmax_step(scores, values, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """Fold a tile of log2-unit scores (-inf where unseen) and its values into the running
-    max, sum and output.  A row that has seen nothing yet keeps m = -inf and adds nothing."""
+def _online_softmax_step(q, k, values, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Fold a tile of keys (their scores, in log2 units, where ``seen``) and its values into the
+    running max, sum and output.  A row that has seen nothing yet keeps m = -inf and adds nothing."""
+    scores = tl.where(seen, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(scores - shift[:, None])
@@ -240,9 +241,7 @@ def _query_tile_kernel(
             p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         else:
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            scores = tl.where(seen, scores, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     first_block = _block_of(first_pos, block_size, num_blocks)
     g_lo, g_hi = _global_range(first_block, _block_of(last_pos, block_size, num_blocks), num_blocks, CAUSAL, SCOPE_OWN)
@@ -257,9 +256,7 @@ def _query_tile_kernel(
             p, ds = _probs_and_score_grads(q, kg, vg, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
             dq += tl.dot(ds.to(kg.dtype), kg, input_precision=DOT_PRECISION)
         else:
-            scores = tl.dot(q, tl.trans(kg), input_precision=DOT_PRECISION) * scale_log2
-            scores = tl.where(seen, scores, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(scores, vg, m_i, l_i, acc, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_step(q, kg, vg, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     if BACKWARD:
         OUT += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
