@@ -93,13 +93,28 @@ def test_a_run_that_fails_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch
 
 
 def test_presets_compare_all_five_attentions_on_a_bidirectional_task():
-    for preset in PRESETS.values():
+    for preset in (PRESETS["cpu-small"], PRESETS["gpu"]):
         measured = [r for r in preset.runs() if not isinstance(r, tuple)]
         assert {r.attention for r in measured} >= set(ATTENTIONS)
         assert {r.attention for r in measured if r.task == "listops"} >= set(ATTENTIONS)  # global-own is measured
         assert "global-top2" in {r.attention for r in measured if r.task == "mqar"}
         assert len({r.batch * r.context for r in measured if r.task == "shakespeare"}) == 1  # tokens per step
     assert max(PRESETS["cpu-small"].contexts) <= 1024
+
+
+def test_top_blocks_preset_routes_against_dense_and_global_on_text():
+    runs = PRESETS["cpu-top-blocks"].runs()
+    assert [r.attention for r in runs if r.seed == 0] == [
+        "dense",
+        "global",
+        "global-top1",
+        "global-top2",
+        "global-top4",
+        "local",
+        "sliding",
+    ]
+    assert {(r.task, r.context, r.batch, r.steps, r.d_model) for r in runs} == {("shakespeare", 256, 16, 1000, 64)}
+    assert len(runs) == 14  # two seeds: the differences are small
 
 
 def test_narrowing_a_preset_narrows_each_task_too():

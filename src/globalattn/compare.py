@@ -1,6 +1,7 @@
 """Train every attention variant on the same tasks, contexts, seeds and budgets; tabulate and plot.
 
     globalattn compare --preset cpu-small --out runs/cpu-small     # < 30 min on 2 CPU cores
+    globalattn compare --preset cpu-top-blocks --out runs/top-blocks  # ~37 min on 1 CPU core
     globalattn compare --preset gpu --device cuda --out runs/gpu    # < 10 min on one H100
     globalattn compare --preset cpu-small --tasks mqar --contexts 256 --attentions dense global
 
@@ -114,6 +115,20 @@ PRESETS = {
             "mqar": dict(attentions=(*ATTENTIONS, "global-top2")),
             "listops": dict(eval_every=50, eval_examples=256),  # accuracy over 64 examples is too coarse
         },
+    ),
+    # Measured: docs/results.md.  Routing to the top blocks (SPEC's top_blocks) against dense, plain
+    # global and the cheap baselines on character-level text, 1000 steps of 4096 tokens; ~37 min on
+    # one CPU core.
+    "cpu-top-blocks": Preset(
+        tasks=("shakespeare",),
+        contexts=(256,),
+        attentions=("dense", "global", "global-top1", "global-top2", "global-top4", "local", "sliding"),
+        seeds=(0, 1),
+        steps=1000,
+        tokens_per_step=4096,
+        options=dict(d_model=64, n_layer=2, n_head=4),
+        eval_every=100,
+        eval_examples=64,
     ),
     # Sized for one H100 in 10 minutes by estimate; not yet measured.
     "gpu": Preset(
