@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from globalattn.cli import main
-from globalattn.compare import ATTENTIONS, PRESETS, Preset, compare, results_markdown
+from globalattn.compare import ATTENTIONS, PRESETS, ROUTING_ATTENTIONS, Preset, compare, results_markdown
+from globalattn.models.attention import top_blocks_of
+from globalattn.tasks import IGNORE, make_task
 
 TINY = Preset(
     tasks=("mqar", "listops"),
@@ -115,6 +119,41 @@ def test_top_blocks_preset_routes_against_dense_and_global_on_text():
     ]
     assert {(r.task, r.context, r.batch, r.steps, r.d_model) for r in runs} == {("shakespeare", 256, 16, 1000, 64)}
     assert len(runs) == 14  # two seeds: the differences are small
+
+
+def test_per_task_options_reach_each_run_of_their_task(tmp_path):
+    pairs = int(torch.randint(1, 9, ()))  # context 64 holds up to 16
+    options = {"num_pairs": pairs, "vocab_size": 2 * pairs + 2}
+    preset = dataclasses.replace(TINY, attentions=("dense",), per_task={"mqar": dict(task_options=options)})
+    assert [(r.task, r.task_options) for r in preset.runs()] == [("mqar", options), ("listops", {})]
+    assert preset.narrowed(tasks=["mqar"], steps=1).runs()[0].task_options == options
+    compare(preset, tmp_path, progress=False, log=lambda line: None)
+    mqar = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert mqar["config"]["task_options"] == options and mqar["data"]["num_pairs"] == pairs
+
+
+def test_options_for_a_task_that_does_not_take_them_are_refused_with_the_grid():
+    preset = dataclasses.replace(TINY, task_options={"num_pairs": 4})  # for every task: listops takes none
+    with pytest.raises(ValueError, match="task listops has no option 'num_pairs': it takes none"):
+        preset.runs()
+
+
+def test_gpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
+    runs = PRESETS["gpu-recall"].runs()
+    assert [r.attention for r in runs if r.seed == 0] == list(ROUTING_ATTENTIONS)  # causal: no global-own
+    assert len(runs) == 14 and {r.seed for r in runs} == {0, 1}
+    assert {(r.task, r.context, r.batch * r.context) for r in runs} == {("mqar", 512, 32768)}
+    assert all(r.steps >= 1000 for r in runs)  # MQAR takes thousands of steps, where it is learned at all
+    config = runs[0]
+    assert all(r.task_options == config.task_options and r.block_size == config.block_size for r in runs)
+    task = make_task("mqar", 512, seed=int(torch.randint(1000, ())), **config.task_options)
+    batch = task.batch("val", 0, 4)
+    blocks_holding_a_queried_pair = set()
+    for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
+        for key in (tokens[i] for i, t in enumerate(targets) if t != IGNORE):
+            blocks_holding_a_queried_pair.add(tokens.index(key) // config.block_size)
+    assert len(blocks_holding_a_queried_pair) >= 8
+    assert len(blocks_holding_a_queried_pair) > max(top_blocks_of(r.attention) for r in runs)
 
 
 def test_narrowing_a_preset_narrows_each_task_too():

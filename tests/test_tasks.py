@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 
 import pytest
@@ -34,10 +35,20 @@ def test_unknown_task_is_refused():
         make_task("imagenet", 128)
 
 
-def test_mqar_answers_are_the_stored_values():
-    task = make_task("mqar", 256, seed=int(torch.randint(1000, ())))
+def random_mqar_options() -> dict[str, int]:
+    """A random valid size of MQAR at context 256: num_pairs <= 256 / 4, vocab_size >= 2 * (num_pairs + 1)."""
+    pairs = int(torch.randint(1, 65, ()))
+    return {"num_pairs": pairs, "vocab_size": int(torch.randint(2 * pairs + 2, 2 * pairs + 300, ()))}
+
+
+@pytest.mark.parametrize("sized", [False, True], ids=["defaults", "random-options"])
+def test_mqar_answers_are_the_stored_values(sized):
+    options = random_mqar_options() if sized else {}
+    task = make_task("mqar", 256, seed=int(torch.randint(1000, ())), **options)
+    assert task.describe() == {"num_pairs": 16, "vocab_size": 256, **options}  # what the harness records
     batch = task.batch("train", 0, 8)
     pairs, half = task.num_pairs, task.vocab_size // 2
+    assert int(batch["tokens"].max()) < task.vocab_size
     for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
         keys, values = tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2]
         assert len(set(keys)) == pairs and all(1 <= k < half for k in keys)
@@ -49,6 +60,37 @@ def test_mqar_answers_are_the_stored_values():
             assert tokens[i] in stored and targets[i] == stored[tokens[i]]
         assert sorted(tokens[i] for i in scored) == sorted(keys)  # every key asked once
         assert all(tokens.count(k) == 2 for k in keys)  # the filler plants no decoy copies of a key
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_options_are_constructor_keywords_that_describe_records(name):
+    cls = TASKS[name]
+    keywords = inspect.signature(cls.__init__).parameters
+    for option in cls.options:
+        assert keywords[option].kind is inspect.Parameter.KEYWORD_ONLY, option
+    if cls.options:  # every option the harness sets shows in the data it records (metrics.json's "data")
+        assert set(cls.options) <= set(make_task(name, 128).describe())
+    with pytest.raises(
+        ValueError, match=rf"task {name} has no option 'size': it takes " + (", ".join(cls.options) or "none")
+    ):
+        make_task(name, 128, size=3)  # refused before the task is built
+
+
+@pytest.mark.parametrize(
+    "context,options,message",
+    [
+        (256, {"num_pair": 3}, "task mqar has no option 'num_pair': it takes num_pairs, vocab_size"),
+        (256, {"num_pairs": 0}, "mqar option num_pairs must be a positive int, got 0"),
+        (256, {"num_pairs": True}, "mqar option num_pairs must be a positive int, got True"),
+        (256, {"vocab_size": "512"}, "mqar option vocab_size must be a positive int, got '512'"),
+        (256, {"vocab_size": -4}, "mqar option vocab_size must be a positive int, got -4"),
+        (256, {"num_pairs": 16, "vocab_size": 33}, r"vocab_size >= 2 \* \(num_pairs \+ 1\) = 34, got 33"),
+        (256, {"num_pairs": 65}, r"at least 4 \* num_pairs = 260, got 256"),
+    ],
+)
+def test_mqar_refuses_bad_options_by_name(context, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_task("mqar", context, **options)
 
 
 def test_mqar_gaps_favour_short_distances():

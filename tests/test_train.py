@@ -156,6 +156,55 @@ def test_resume_refuses_other_settings_and_out_refuses_overwrite(tmp_path):
         train(TINY, out=tmp_path / "run")
 
 
+def tiny_mqar(**options) -> TrainConfig:
+    return dataclasses.replace(TINY, task="mqar", context=64, steps=2, eval_every=2, task_options=options)
+
+
+def test_task_options_reach_the_task_and_the_records(tmp_path):
+    pairs = int(torch.randint(1, 17, ()))  # context 64 holds at most 16 pairs
+    vocab = int(torch.randint(2 * pairs + 2, 100, ()))
+    config = tiny_mqar(vocab_size=vocab, num_pairs=pairs)
+    assert list(config.task_options) == ["num_pairs", "vocab_size"]  # one order in every record
+    assert config == tiny_mqar(num_pairs=pairs, vocab_size=vocab)
+    summary = train(config, out=tmp_path / "run")
+    assert summary["data"]["num_pairs"] == pairs and summary["data"]["vocab_size"] == vocab
+    assert final_weights(tmp_path / "run")["transformer.embed.weight"].shape[0] == vocab  # the model was built for it
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoints" / latest["path"] / "state.json").read_text())
+    for record in (json.loads((tmp_path / "run" / "metrics.json").read_text()), state["summary"]):
+        assert record["config"]["task_options"] == {"num_pairs": pairs, "vocab_size": vocab}
+        assert record["data"]["num_pairs"] == pairs
+
+    other = tiny_mqar(vocab_size=vocab, num_pairs=pairs % 16 + 1)
+    with pytest.raises(ValueError, match=r"other settings \(task_options\)"):
+        train(other, out=tmp_path / "run", resume=True)
+    assert train(config, out=tmp_path / "run", resume=True)["step"] == 2  # the same options resume
+
+
+def test_resume_names_a_setting_that_the_checkpoint_predates(tmp_path):
+    train(TINY, out=tmp_path / "run")
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    path = tmp_path / "run" / "checkpoints" / latest["path"] / "state.json"
+    state = json.loads(path.read_text())
+    del state["summary"]["config"]["task_options"]  # saved before TrainConfig had the field
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"other settings \(task_options\)"):
+        train(TINY, out=tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize(
+    "task,options,message",
+    [
+        ("mqar", {"pairs": 4}, "task mqar has no option 'pairs': it takes num_pairs, vocab_size"),
+        ("shakespeare", {"num_pairs": 4}, "task shakespeare has no option 'num_pairs': it takes none"),
+        ("mqar", [("num_pairs", 4)], "task_options must be a dict"),
+    ],
+)
+def test_config_refuses_options_the_task_does_not_take(task, options, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, task=task, task_options=options)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -212,6 +261,16 @@ def test_two_gloo_processes_train_as_one(tmp_path, sharding):
         torch.testing.assert_close(final_weights(tmp_path / "ddp0")[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_cli_passes_task_options(tmp_path):
+    pairs = int(torch.randint(1, 17, ()))
+    argv = "train --task mqar --attention dense --context 64 --steps 1 --batch 2 --d-model 16 --heads 2 --no-progress"
+    options = ["--task-option", f"num_pairs={pairs}", "--task-option", "vocab_size=40"]
+    assert main([*argv.split(), *options, "--eval-examples", "1", "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["task_options"] == {"num_pairs": pairs, "vocab_size": 40}
+    assert (metrics["data"]["num_pairs"], metrics["data"]["vocab_size"]) == (pairs, 40)
+
+
 def test_cli_trains_and_reports(tmp_path, capsys):
     argv = "train --task mqar --attention sliding --context 64 --steps 2 --batch 2 --d-model 16 --heads 2"
     code = main(
@@ -233,6 +292,25 @@ def test_cli_trains_and_reports(tmp_path, capsys):
         (["--task", "mqar", "--attention", "global", "--context", "64", "--context-parallel", "2"], "language-model"),
         (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "2"], "torchrun"),
         (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "0"], "positive"),
+        *(
+            (["--task", "mqar", "--attention", "dense", "--context", "64", "--task-option", option], message)
+            for option, message in [
+                ("num_pairs", "--task-option takes KEY=VALUE with an integer VALUE (num_pairs=32), got 'num_pairs'"),
+                ("=4", "got '=4'"),
+                ("num_pairs=", "got 'num_pairs='"),
+                ("num_pairs=four", "got 'num_pairs=four'"),
+                ("num_pairs=1.5", "got 'num_pairs=1.5'"),
+                ("num_pair=4", "task mqar has no option 'num_pair': it takes num_pairs, vocab_size"),
+                ("num_pairs=0", "mqar option num_pairs must be a positive int, got 0"),
+                ("num_pairs=17", "mqar needs an even context of at least 4 * num_pairs = 68, got 64"),
+                ("vocab_size=8", "mqar needs vocab_size >= 2 * (num_pairs + 1) = 34, got 8"),
+            ]
+        ),
+        (
+            ["--task", "mqar", "--attention", "dense", "--context", "64"]
+            + ["--task-option", "num_pairs=2", "--task-option", "num_pairs=3"],
+            "--task-option num_pairs is given twice",
+        ),
     ],
 )
 def test_cli_refuses_bad_input_in_one_line(args, message, capsys):

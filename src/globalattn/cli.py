@@ -3,6 +3,7 @@
     globalattn demo                       # the seed sentence, step by step, with pictures
     globalattn demo --help
     globalattn train --task mqar --attention global --context 512 --out runs/mqar-global
+    globalattn train --task mqar --task-option num_pairs=32 --attention dense --context 512
     globalattn compare --preset cpu-small --out runs/cpu-small
 
 Each subcommand is a pair: ``_add_<name>`` declares its options, ``_run_<name>(args) -> int`` does
@@ -125,6 +126,13 @@ def _add_train(commands) -> None:
         help="dense, global, global-own (bidirectional tasks only), global-top<k>, local, sliding",
     )
     train.add_argument("--context", type=int, required=True, metavar="T", help="sequence length in tokens")
+    train.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the task, an integer; repeatable (mqar: num_pairs, default 16; vocab_size, default 256)",
+    )
     _add_run_options(train)
     train.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     train.add_argument("--batch", type=int, default=16, help="sequences per step, over all processes (default: 16)")
@@ -184,6 +192,7 @@ def _run_train(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         precision=args.precision,
         context_parallel=args.context_parallel,
+        task_options=_task_options(args.task_option),
     )
     try:
         summary = train(
@@ -199,6 +208,23 @@ def _run_train(args: argparse.Namespace) -> int:
         f"{summary['tokens_per_second']:.0f} tokens/s, {summary['keys_per_token']:.1f} keys/token"
     )
     return 0
+
+
+def _task_options(given: list[str]) -> dict[str, int]:
+    """``--task-option KEY=VALUE`` (repeated) as {KEY: int(VALUE)}; the task checks the names and values."""
+    options = {}
+    for text in given:
+        name, equals, value = text.partition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if not (name and equals and number is not None):
+            raise ValueError(f"--task-option takes KEY=VALUE with an integer VALUE (num_pairs=32), got {text!r}")
+        if name in options:
+            raise ValueError(f"--task-option {name} is given twice")
+        options[name] = number
+    return options
 
 
 def _add_compare(commands) -> None:

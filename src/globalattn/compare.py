@@ -3,6 +3,7 @@
     globalattn compare --preset cpu-small --out runs/cpu-small     # < 30 min on 2 CPU cores
     globalattn compare --preset cpu-top-blocks --out runs/top-blocks  # ~37 min on 1 CPU core
     globalattn compare --preset gpu --device cuda --out runs/gpu    # < 10 min on one H100
+    globalattn compare --preset gpu-recall --device cuda --out runs/gpu-recall  # ~10 min on one H100, by estimate
     globalattn compare --preset cpu-small --tasks mqar --contexts 256 --attentions dense global
 
 Writes into ``--out``: ``runs/<task>-<context>-<attention>-s<seed>/`` (each run's metrics.json and
@@ -27,6 +28,8 @@ from globalattn.tasks import TASKS
 from globalattn.train import NonFiniteLoss, TrainConfig, train
 
 ATTENTIONS = ("dense", "global", "global-own", "local", "sliding")
+# Routing to the top blocks against dense, plain global and the cheap baselines (causal tasks: no global-own)
+ROUTING_ATTENTIONS = ("dense", "global", "global-top1", "global-top2", "global-top4", "local", "sliding")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Preset:
     eval_every: int = 50
     eval_examples: int = 64
     per_task: dict[str, dict] = dataclasses.field(default_factory=dict)  # task -> fields that differ for it
+    # the task's own options (TrainConfig.task_options); each task takes its own, so give them in per_task
+    task_options: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def for_task(self, task: str) -> Preset:
         return dataclasses.replace(self, **self.per_task.get(task, {}), per_task={})
@@ -92,6 +97,7 @@ class Preset:
                                 lr=plan.lr,
                                 eval_every=plan.eval_every,
                                 eval_examples=plan.eval_examples,
+                                task_options=plan.task_options,
                                 **plan.options,
                             )
                         )
@@ -122,7 +128,7 @@ PRESETS = {
     "cpu-top-blocks": Preset(
         tasks=("shakespeare",),
         contexts=(256,),
-        attentions=("dense", "global", "global-top1", "global-top2", "global-top4", "local", "sliding"),
+        attentions=ROUTING_ATTENTIONS,
         seeds=(0, 1),
         steps=1000,
         tokens_per_step=4096,
@@ -146,6 +152,28 @@ PRESETS = {
             "mqar": dict(attentions=(*ATTENTIONS, "global-top2")),
             "listops": dict(eval_examples=256),
         },
+    ),
+    # Recall through the routing (issue 7): MQAR at T = 512 with 128 pairs, so that the pairs fill 8
+    # of the 16 blocks of b = 32 and no k <= 4 covers them all without choosing by content.  b = 32
+    # (not a smaller b with fewer pairs) because the blocked backend that runs global-top{k} on CUDA
+    # loops over chunks of one block each at this batch, a few hundred kernels per chunk: its step
+    # costs ~ 5-10x dense's at b = 32, twice that at b = 16, four times at b = 8.  Sized by
+    # estimate, not measured: one H100 in about 10 minutes (9-14), from per-step aten op counts on
+    # the CPU (dense ~650, global-top{k} ~18,000) at 4-6 us per kernel launch.  2000 steps assume
+    # that dense learns here with 8192 scored queries per step (the CPU pilots had 128-1024 and
+    # never learned): pilot dense first, --attentions dense --seeds 0 (docs/training.md).
+    "gpu-recall": Preset(
+        tasks=("mqar",),
+        contexts=(512,),
+        attentions=ROUTING_ATTENTIONS,
+        seeds=(0, 1),
+        steps=2000,
+        tokens_per_step=32768,  # batch 64
+        options=dict(d_model=128, n_layer=2, n_head=4, block_size=32),
+        lr=3e-3,
+        eval_every=250,
+        eval_examples=128,
+        per_task={"mqar": dict(task_options=dict(num_pairs=128, vocab_size=512))},  # vocab >= 2 * (pairs + 1)
     ),
 }
 

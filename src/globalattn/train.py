@@ -6,6 +6,7 @@
 
     from globalattn.train import TrainConfig, train
     summary = train(TrainConfig(task="mqar", attention="dense", context=256, steps=100))
+    train(TrainConfig(task="mqar", attention="dense", context=512, task_options={"num_pairs": 32}))  # the task's own
 
 Every ``eval_every`` steps (and at the end) the run evaluates on fixed validation batches, writes
 ``metrics.json`` and a checkpoint into ``--out``.  The batch of step s is a pure function of
@@ -33,6 +34,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from globalattn.models import ModelConfig, build_model, use_context_parallel
-from globalattn.tasks import IGNORE, Task, make_task
+from globalattn.tasks import IGNORE, TASKS, Task, check_options, make_task
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -75,8 +77,16 @@ class TrainConfig:
     eval_every: int = 50  # also checkpoints then
     eval_examples: int = 64  # validation sequences per evaluation (whole batches: rounded up)
     context_parallel: int = 1  # ranks that share each sequence (see the module docstring)
+    # the task's own options, given to its constructor (tasks.make_task), e.g. mqar's num_pairs
+    task_options: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.task_options, Mapping):
+            raise ValueError(f"task_options must be a dict of option name -> value, got {self.task_options!r}")
+        if self.task in TASKS:  # an unknown task is refused by make_task, naming the known ones
+            check_options(self.task, self.task_options)  # names here; the task checks the values
+        options = dict(sorted(self.task_options.items(), key=lambda item: str(item[0])))
+        object.__setattr__(self, "task_options", options)  # a copy, in one order for the records
         for name in ("context", "steps", "batch", "eval_every", "eval_examples", "context_parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -126,7 +136,7 @@ def train(
     ``metrics.json`` holds): config, data, model size, attention cost, history and final metrics."""
     out = Path(out) if out is not None else None
     rank, world, device = _init_distributed(device)
-    task = make_task(config.task, config.context, config.seed)
+    task = make_task(config.task, config.context, config.seed, **config.task_options)
     model_config = config.model_config(task)
     torch.manual_seed(config.seed)  # the same initial weights in every process and every attention variant
     model = build_model(model_config).to(device)
@@ -412,7 +422,8 @@ def _load_checkpoint(path: Path, model, optimizer, summary: dict) -> dict:
     state = json.loads((path / "state.json").read_text())
     saved = state["summary"]
     if saved["config"] != summary["config"]:
-        changed = sorted(k for k in saved["config"] if saved["config"][k] != summary["config"].get(k))
+        fields = saved["config"].keys() | summary["config"].keys()  # a field added since it was saved counts too
+        changed = sorted(k for k in fields if saved["config"].get(k) != summary["config"].get(k))
         raise ValueError(f"cannot resume from {path}: it was trained with other settings ({', '.join(changed)})")
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)

@@ -11,10 +11,22 @@ from globalattn.tasks.text import PythonStdlib, Shakespeare
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Shakespeare, PythonStdlib, MQAR, ListOps, Passkey)}
 
 
-def make_task(name: str, context: int, seed: int = 0) -> Task:
+def make_task(name: str, context: int, seed: int = 0, **options) -> Task:
+    """Task ``name`` at ``context`` tokens; ``options`` go to its constructor (``Task.options``
+    lists the names it takes; it checks their values)."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
-    return TASKS[name](context, seed)
+    check_options(name, options)
+    return TASKS[name](context, seed, **options)
 
 
-__all__ = ["IGNORE", "TASKS", "Task", "make_task"]
+def check_options(name: str, options) -> None:
+    """Refuse option names that task ``name`` does not take, naming the ones it does."""
+    accepted = TASKS[name].options
+    unknown = [option for option in options if option not in accepted]
+    if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise ValueError(f"task {name} has no option {', '.join(map(repr, unknown))}: {takes}")
+
+
+__all__ = ["IGNORE", "TASKS", "Task", "check_options", "make_task"]

@@ -31,6 +31,9 @@ class Task:
     num_classes: int | None = None
     metric: str = "accuracy"  # "bpc" (bits per character, lower is better) or "accuracy"
     exact_match: bool = False  # accuracy counts whole examples (every target right), not target tokens
+    # The constructor's keyword options that a run may set (TrainConfig.task_options, make_task's
+    # **options, ``--task-option``); describe() records the value of each.
+    options: tuple[str, ...] = ()
 
     def __init__(self, context: int, seed: int = 0):
         if context < 1:

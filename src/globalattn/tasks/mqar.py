@@ -22,9 +22,13 @@ from globalattn.tasks.base import IGNORE, Task
 
 class MQAR(Task):
     name = "mqar"
+    options = ("num_pairs", "vocab_size")
 
     def __init__(self, context: int, seed: int = 0, *, vocab_size: int = 256, num_pairs: int = 16, power_a=0.01):
         super().__init__(context, seed)
+        for option, value in (("num_pairs", num_pairs), ("vocab_size", vocab_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mqar option {option} must be a positive int, got {value!r}")
         if context % 2 or 4 * num_pairs > context:
             raise ValueError(f"mqar needs an even context of at least 4 * num_pairs = {4 * num_pairs}, got {context}")
         if vocab_size // 2 - 1 < num_pairs:
