@@ -141,6 +141,7 @@ class Case:
         backend on inputs it does not cover (a dtype, an option) is skipped with its reason."""
         if backend in ("flex", "triton"):
             options = {**self.options(), "dropout_p": 0.0, **extra, "block_size": self.b, "key_mask": key_mask}
+            options.update(remainder=self.resolved_remainder, scale=self.scale_value())  # resolved, as api passes
             reason = backends.unsupported_reason(backend, q, k, v, options)
             if reason is not None:
                 pytest.skip(f"{backend}: {reason}")
