@@ -61,10 +61,7 @@ def attend_flex(case: Case, q, k, v, key_mask, monkeypatch=None):
     if q.device.type == "cpu" and q.requires_grad:
         monkeypatch.setattr(flex, "_flex_function", lambda device: flex_with_cpu_backward)
         return flex.attention(q, k, v, **options)
-    reason = flex.unsupported(q, k, v, options)
-    if reason is not None:
-        pytest.skip(f"flex: {reason}")
-    return case.attend("flex", q, k, v, key_mask, return_lse=True)
+    return case.attend("flex", q, k, v, key_mask, return_lse=True)  # skips where flex refuses
 
 
 # -- results (the forward pass over the SPEC grid runs in test_backends.py) ---------------------------

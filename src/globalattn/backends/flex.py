@@ -67,6 +67,7 @@ from globalattn import spec
 # columns are padded to multiples of it so that no tile mixes keys with global tokens.
 TILE = 128
 _compiled_flex_attention = None  # torch.compile(flex_attention), created on the first CUDA call
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not on every call
 
 
 def attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
@@ -117,7 +118,7 @@ def unsupported(query, key, value, options: dict) -> str | None:
         return None
     if device != "cuda":
         return f"inputs are on {device}, and it runs on CUDA (and, for testing, on the CPU)"
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return "torch.compile needs triton to build FlexAttention's CUDA kernels, and triton is not installed"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"FlexAttention's CUDA kernels take float16, bfloat16 or float32, not {query.dtype}"
