@@ -18,10 +18,11 @@ import globalattn.backends.triton as kernels
 FLOAT_ARGS = {"scale_log2", "scale"}
 
 
-def compile_for_hopper(autotuned, pointers: dict, constants: dict) -> dict:
-    """Compile ``autotuned``'s first configuration; pointers maps pointer arguments to Triton
-    types (None: not passed), constants the constexpr arguments other than the tile sizes."""
-    jit, config = autotuned.fn, autotuned.configs[0]
+def compile_for_hopper(kernel, pointers: dict, constants: dict) -> dict:
+    """Compile ``kernel`` (an autotuned one in its first configuration); pointers maps pointer
+    arguments to Triton types (None: not passed), constants the other constexpr arguments."""
+    autotuned = hasattr(kernel, "configs")
+    jit, config = (kernel.fn, kernel.configs[0]) if autotuned else (kernel, triton.Config({}))
     constants = {**constants, **config.kwargs}
     signature, constexprs = {}, {}
     for i, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
@@ -52,6 +53,9 @@ def main() -> None:
         "key_grad": (kernels._key_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32",
                                                 "INV_COUNT": "*fp32", "DK": t, "DV": t}, {}),
         "global_grad": (kernels._global_grad_kernel, {**inputs, **grads, "DKG": "*fp32", "DVG": "*fp32"}, {}),
+        "row_terms": (kernels._row_terms_kernel, {"OUT": t, "DO": t, "LSE": "*fp32", "DLSE": "*fp32",
+                                                  "LSE2": "*fp32", "DELTA": "*fp32"},
+                      {"BLOCK_M": kernels.ROW_TILE}),
     }  # fmt: skip
     for mode, options in modes.items():
         for name, (kernel, pointers, extra) in plan.items():

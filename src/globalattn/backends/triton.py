@@ -44,6 +44,7 @@ from globalattn import spec
 
 LOG2_E = math.log2(math.e)
 MAX_HEAD_DIM = 256
+ROW_TILE = 64  # query rows per program of the backward's per-row preprocessing
 # The mode the kernels below were built in: TRITON_INTERPRET is read when ``triton.jit`` runs.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -275,6 +276,32 @@ def _query_tile_kernel(
 
 _forward_kernel = triton.autotune(configs=_FORWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
 _query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
+
+
+@triton.jit
+def _row_terms_kernel(
+    OUT, DO, LSE, DLSE, LSE2, DELTA,
+    stride_ob, stride_oh, stride_ol,
+    stride_db, stride_dh, stride_dl,
+    q_heads, q_len, value_dim,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """What every backward kernel reads per query row: lse2 and delta (see above), in float32
+    without a float32 copy of O or dO."""
+    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    b, h = batch_head // q_heads, batch_head % q_heads
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    value_dims = tl.arange(0, BLOCK_DV)
+    ok = row_ok[:, None] & (value_dims < value_dim)[None, :]
+    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    DO += b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    out = tl.load(OUT + rows[:, None] * stride_ol + value_dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * stride_dl + value_dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    row = batch_head.to(tl.int64) * q_len + rows
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    tl.store(LSE2 + row, tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634), mask=row_ok)  # log2 e
+    tl.store(DELTA + row, tl.sum(out * do, 1) - tl.load(DLSE + row, mask=row_ok, other=0.0), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +559,7 @@ def _backward_op(
     scope_own: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    query, key, value, grad_out = _kernel_layout(query, key, value, grad_out)
+    query, key, value, grad_out, out = _kernel_layout(query, key, value, grad_out, out)
     # Pooled again rather than kept from forward: one pass over K and V, and no memory held between.
     key_global, value_global, present, keep = _global_tokens(key, value, key_mask, block_size, remainder)
     batch, q_heads, q_len, head_dim = query.shape
@@ -541,11 +568,16 @@ def _backward_op(
     if q_len == 0:
         return torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
     grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    lse2 = torch.where(torch.isfinite(lse), lse * LOG2_E, 0.0).contiguous()
-    delta = ((grad_out.float() * out.float()).sum(-1) - grad_lse).contiguous()
+    lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
+    static = _static_args(query, value, keep, causal, scope_own)
+    grid = (triton.cdiv(q_len, ROW_TILE), batch * q_heads)
+    _row_terms_kernel[grid](
+        out, grad_out, lse.contiguous(), grad_lse.contiguous(), lse2, delta,
+        *_strides(out), *_strides(grad_out), q_heads, q_len, value_dim,
+        BLOCK_M=ROW_TILE, BLOCK_DV=static["BLOCK_DV"],
+    )  # fmt: skip
     common = (q_len, seq_len, num_blocks, seq_len - q_len, block_size, scale * LOG2_E, scale, head_dim, value_dim)
     common += (triton.next_power_of_2(seq_len),)  # seq_bucket
-    static = _static_args(query, value, keep, causal, scope_own)
     group = q_heads // kv_heads
 
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
