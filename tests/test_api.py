@@ -78,6 +78,7 @@ REFUSALS = [
     ("scale-nan", dict(scale=math.nan), "scale"),
     ("scale-inf", dict(scale=math.inf), "scale"),
     ("scale-minus-inf", dict(scale=-math.inf), "scale"),
+    ("scale-overflowing", dict(scale=1e38), "scale"),  # float32 scores would overflow into NaN
     ("scale-str", dict(scale="0.5"), "scale"),
     ("scale-bool", dict(scale=True), "scale"),
     ("scale-tensor", dict(scale=torch.tensor([0.5, 0.5])), "scale"),
@@ -201,3 +202,51 @@ def test_return_types(dtype):
     assert lse.shape == (B, HQ, L) and lse.dtype == torch.promote_types(dtype, torch.float32)
     weights = attention_weights(arguments["query"], arguments["key"], 2)
     assert weights.shape == (B, HQ, L, S + S // 2) and weights.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("empty", ["B", "Hq"])
+def test_empty_batch_or_heads_give_empty_results(backend, empty):
+    """B = 0 or Hq = 0: the empty output and lse, and empty gradients, as for any other shape."""
+    batch, q_heads = (0, HQ) if empty == "B" else (B, 0)
+    q = randn(batch, q_heads, L, D).requires_grad_()
+    k, v = randn(batch, HKV, S, D).requires_grad_(), randn(batch, HKV, S, D).requires_grad_()
+    out, lse = global_attention(q, k, v, 4, causal=True, top_blocks=1, return_lse=True, backend=backend)
+    assert out.shape == (batch, q_heads, L, D) and lse.shape == (batch, q_heads, L)
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+@pytest.mark.parametrize("block_size", [2**63, 2**70])
+def test_block_sizes_beyond_int64_cut_one_block(block_size):
+    """A block longer than the sequence is one block, whatever the int: the same as b = S."""
+    arguments = valid_arguments() | dict(block_size=block_size)
+    expected = global_attention(**(arguments | dict(block_size=S)))
+    assert max_error(global_attention(**arguments), expected) == 0
+    assert block_bounds(S, block_size) == [(0, S)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_compiles_without_graph_breaks(causal):
+    """torch.compile(fullgraph=True) of forward and backward equals eager (to float32 rounding)."""
+    q, k, v = (randn(B, h, S, D).requires_grad_() for h in (HQ, HKV, HKV))
+    key_mask = torch.rand(B, S) > 0.3
+
+    def attend(q, k, v, key_mask):
+        return global_attention(q, k, v, 4, causal=causal, key_mask=key_mask, top_blocks=1, backend="torch")
+
+    upstream = randn(B, HQ, S, D)
+    eager = attend(q, k, v, key_mask)
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, key_mask)
+    assert max_error(compiled, eager) < 1e-6
+    for got, expected in zip(
+        torch.autograd.grad(compiled, (q, k, v), upstream), torch.autograd.grad(eager, (q, k, v), upstream)
+    ):
+        assert max_error(got, expected) < 1e-5
+
+
+def test_torch_backend_refuses_double_backward():
+    q, k, v = (randn(B, h, S, D).requires_grad_() for h in (HQ, HKV, HKV))
+    out = global_attention(q, k, v, 4, backend="torch")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True, allow_unused=True)

@@ -167,7 +167,7 @@ def test_refusals():
         cache.attend(q[:, :, :3], block_size=4, key_mask=torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="Hq a multiple of 2"):
         cache.attend(q[:, :3, :3], block_size=4)
-    with pytest.raises(ValueError, match="scale must be a finite real number"):
+    with pytest.raises(ValueError, match="scale must be a real number"):
         cache.attend(q[:, :, :3], block_size=4, scale=float("nan"))
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         cache.attend(q[:, :, :3], block_size=0)
@@ -179,6 +179,37 @@ def test_refusals():
     cache.update(k[:, :, 3:], v[:, :, 3:])
     with pytest.raises(ValueError, match="block_size must stay 4"):
         cache.attend(q[:, :, 3:], block_size=5)
+
+
+@pytest.mark.parametrize("steps", [(23,), (1,) * 23, (5, 1, 1, 9, 7)], ids=["prompt", "decode", "mixed"])
+def test_garbage_in_padding_reaches_nothing(steps):
+    """NaN and inf at padded positions: the same outputs as zeros there, in every kind of step."""
+    q, k, v = sequence()
+    key_mask = padding(2, 23, 4)
+    pad = ~key_mask[:, None, :, None]
+    clean = run_in_steps(PooledKVCache(), q, k, v, steps, 4, key_mask)
+    garbage_key, garbage_value = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
+    dirty = run_in_steps(PooledKVCache(), q, garbage_key, garbage_value, steps, 4, key_mask)
+    assert torch.isfinite(dirty).all() and torch.equal(dirty, clean)
+
+
+@pytest.mark.parametrize("length", [2, 9], ids=["within-a-block", "across-blocks"])
+def test_value_dtype_other_than_the_keys_is_refused_at_any_length(length):
+    q, k, v = sequence(length=length)
+    cache = PooledKVCache()
+    with pytest.raises(ValueError, match="value must have key's .* dtype torch.float64"):
+        cache.update(k, v.float())
+
+
+@pytest.mark.parametrize("empty", ["B", "Hq"])
+def test_empty_batch_or_heads(empty):
+    batch, q_heads = (0, 4) if empty == "B" else (2, 0)
+    q, k, v = sequence(batch=batch, q_heads=q_heads, length=7)
+    out = run_in_steps(PooledKVCache(), q, k, v, (5, 1, 1), 4)
+    assert out.shape == (batch, q_heads, 7, 5)
+    layer = causal_layer()
+    x = torch.randn(0, 7, E, dtype=torch.float64)
+    assert layer(x)[0].shape == x.shape and layer(x, cache=PooledKVCache())[0].shape == x.shape
 
 
 E = 12

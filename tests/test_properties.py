@@ -1,6 +1,7 @@
 """Properties that must hold for any shapes and options (hypothesis), for both backends, in float64:
 causality, padding invariance, batch independence, grouped-query equivalence, shift invariance,
-and the two backends agreeing with each other and with the oracle."""
+the two backends agreeing with each other and with the oracle; and every available backend,
+values and gradients, on the memory layouts users pass with garbage in the padding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import Case, assert_max_error
+from globalattn import backends, global_attention
 
 BACKENDS = ["reference", "torch"]
 EXAMPLES = settings(max_examples=30, deadline=None)
@@ -171,3 +173,84 @@ def test_backends_agree_with_each_other_and_the_oracle(drawn):
         upstream = torch.randn_like(out, generator=torch.Generator().manual_seed(seed))
         results[backend] = (out, lse, *torch.autograd.grad(out, (q, k, v), upstream))
     assert_same(results["torch"], results["reference"])
+
+
+# --- Every backend on the memory layouts users pass, with garbage in the padding -----------------
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded", "fused_qkv")
+
+
+def in_layout(q, k, v, layout: str):
+    """The same values as (q, k, v), as views of the given memory layout.
+
+    transposed: (B, S, H, D) storage; sliced: every other position of a longer buffer, head dim cut
+    from a wider one; expanded: key/value heads broadcast from one (stride 0, so all heads equal);
+    fused_qkv: views into one (B, S, 3, H, D) buffer, as a fused QKV projection gives them.
+    """
+    if layout == "contiguous":
+        return q, k, v
+    if layout == "transposed":
+        return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    if layout == "sliced":
+
+        def sliced(x):
+            wide = torch.randn(x.shape[0], x.shape[1], 2 * x.shape[2], x.shape[3] + 3, dtype=x.dtype)
+            wide[:, :, ::2, : x.shape[3]] = x
+            return wide[:, :, ::2, : x.shape[3]]
+
+        return tuple(sliced(x) for x in (q, k, v))
+    if layout == "expanded":
+        return q, k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    assert layout == "fused_qkv", layout
+    assert q.shape == k.shape == v.shape
+    qkv = torch.stack([x.transpose(1, 2) for x in (q, k, v)], dim=2)  # (B, S, 3, H, D)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def available_backends() -> list:
+    """Every backend that can run here; triton under the interpreter (float32), flex forward only."""
+    fused = [name for name in ("triton", "flex") if not isinstance(backends._FUSED[name], str)]
+    return ["reference", "torch", *fused]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@settings(max_examples=12, deadline=None)
+@given(drawn=cases(masks=(None, "random", "block")), data=st.data())
+def test_every_backend_on_user_layouts_with_garbage_in_padding(backend, drawn, data):
+    case, seed = drawn
+    layout = data.draw(st.sampled_from(LAYOUTS), label="layout")
+    if backend in ("reference", "torch"):
+        case = case.replace(top_blocks=data.draw(st.integers(0, 2), label="top_blocks"))
+    if layout == "fused_qkv":  # one buffer: equal heads, lengths and head dims
+        case = case.replace(Hq=case.Hkv, L=case.S, Dv=case.D)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the interpreter: no float64
+    q, k, v = (x.to(dtype) for x in inputs(case, seed)[:3])
+    key_mask = case.key_mask()
+    if key_mask is not None:
+        # NaN and inf where the mask says padding: they must not reach any output or gradient.
+        pad = ~key_mask[:, None, :, None]
+        garbage = torch.tensor([float("nan"), float("inf")], dtype=dtype)[torch.randint(2, key_mask.shape)]
+        k, v = (torch.where(pad, garbage[:, None, :, None], x) for x in (k, v))
+        if data.draw(st.booleans(), label="column-major mask"):
+            key_mask = key_mask.t().contiguous().t()
+    with_grad = backend != "flex"  # flex has no gradients on the CPU (test_flex reaches them through a seam)
+    q, k, v = (x.requires_grad_(with_grad) for x in in_layout(q, k, v, layout))  # the backend sees these views
+    exact_inputs = [x.detach().double().contiguous() for x in (q, k, v)]
+    if key_mask is not None:
+        exact_inputs[1:] = [torch.where(pad, 0.0, x) for x in exact_inputs[1:]]
+    exact_inputs = [x.requires_grad_() for x in exact_inputs]
+    out, lse = attend(backend, case, q, k, v, key_mask)
+
+    ref = case.oracle(*exact_inputs, key_mask)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_max_error(out, ref.out, tol, f"{backend} out")
+    assert_max_error(lse, ref.lse, tol, f"{backend} lse")
+    if not with_grad:
+        return
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), upstream)
+    exact_out = global_attention(*exact_inputs, case.b, key_mask=key_mask, backend="reference", **case.options())
+    exact = torch.autograd.grad(exact_out, exact_inputs, upstream.double())
+    for name, g, e in zip(("dq", "dk", "dv"), got, exact):
+        assert g.shape == e.shape, name
+        assert_max_error(g, e, tol * max(1.0, e.abs().max().item()), f"{backend} {name}")

@@ -22,7 +22,7 @@ def block_bounds(seq_len: int, block_size: int, *, remainder: str = "merge") -> 
     checks.positive_int("seq_len", seq_len)
     checks.positive_int("block_size", block_size)
     checks.choice("remainder", remainder, spec.REMAINDER_RULES)
-    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+    starts, ends = spec.block_starts_and_ends(seq_len, min(block_size, seq_len), remainder)
     return list(zip(starts.tolist(), ends.tolist()))
 
 
@@ -86,6 +86,9 @@ def global_attention(
         reason = backends.unsupported_reason(backend, query, key, value, args)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot compute this call: {reason}; backend='torch' can")
+    # Padding must influence nothing, and it often holds garbage (NaN, inf): zeroed once here, so
+    # that no backend's weight-0 products (0 * NaN = NaN) can carry it into a real row.
+    key, value = (spec.zero_padding(x, args["key_mask"]) for x in (key, value))
     out, lse = backends.get_backend(backend)(query, key, value, **args)
     return (out, lse) if return_lse else out
 
@@ -182,7 +185,9 @@ def _check_attention_args(query, key, block_size, causal, scope, remainder, key_
             raise ValueError(f"key_mask is on {key_mask.device} but query is on {query.device}; they must match")
     checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
     return dict(
-        block_size=int(block_size),
+        # A block longer than the sequence cuts the same single block as b = S; clamping keeps the
+        # index arithmetic of every backend inside int64 for any int the caller passes.
+        block_size=min(int(block_size), seq_len),
         causal=causal,
         scope=scope,
         remainder=spec.resolve_remainder(causal, remainder),

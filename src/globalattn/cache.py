@@ -80,9 +80,10 @@ class PooledKVCache:
                 raise ValueError(
                     f"{name} must be a floating-point tensor (B, Hkv, L, head_dim), got {checks.describe(t)}"
                 )
-        if value.shape[:3] != key.shape[:3]:
+        if value.shape[:3] != key.shape[:3] or value.dtype != key.dtype:
             raise ValueError(
-                f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])}, got {checks.describe(value)}"
+                f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])} and dtype {key.dtype}, "
+                f"got {checks.describe(value)}"
             )
         if key.shape[2] == 0:
             raise ValueError("key must hold at least one new position (L >= 1)")
@@ -118,18 +119,18 @@ class PooledKVCache:
         checks.positive_int("block_size", block_size)
         if self.block_size is not None and block_size != self.block_size:
             raise ValueError(f"block_size must stay {self.block_size} (the cache's blocks), got {block_size}")
-        window_key, window_value = self._window
-        batch, kv_heads, _, head_dim = window_key.shape
+        batch, kv_heads, _, head_dim = self._window[0].shape
+        dtype, device = self._window[0].dtype, self._window[0].device
         new = self.pending
         if (
             not isinstance(query, torch.Tensor)
             or query.dim() != 4
             or (query.shape[0], query.shape[2], query.shape[3]) != (batch, new, head_dim)
             or query.shape[1] % kv_heads
-            or (query.dtype, query.device) != (window_key.dtype, window_key.device)
+            or (query.dtype, query.device) != (dtype, device)
         ):
             raise ValueError(
-                f"query must be a {window_key.dtype} tensor on {window_key.device} of shape (B={batch}, Hq, L={new}, "
+                f"query must be a {dtype} tensor on {device} of shape (B={batch}, Hq, L={new}, "
                 f"D={head_dim}) (the staged positions), Hq a multiple of {kv_heads}; got {checks.describe(query)}"
             )
         if key_mask is not None and (
@@ -141,6 +142,8 @@ class PooledKVCache:
         scale = checks.scale(scale, head_dim)
         new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
         window_mask = torch.cat([self.block_mask, new_mask.to(self.block_mask.device)], dim=1)  # (B, r + L)
+        # Garbage at padding positions must reach nothing, here and in the blocks kept for later steps.
+        window_key, window_value = (spec.zero_padding(x, window_mask) for x in self._window)
 
         if window_key.shape[2] <= block_size:
             out = self._attend_within_one_block(query, window_key, window_value, window_mask, scale)
@@ -228,7 +231,8 @@ def attend_segments(query: torch.Tensor, segments, scale: float) -> tuple[torch.
     scores = scale * (q @ keys[:, :, None].to(dtype).transpose(-1, -2))  # (B, Hkv, g, L, N1 + N2 + ...)
     weights, lse = spec.masked_softmax(scores, allowed[:, None, None])
     out = weights @ values[:, :, None].to(dtype)  # (B, Hkv, g, L, Dv)
-    return out.reshape(batch, q_heads, q_len, -1).to(query.dtype), lse.reshape(batch, q_heads, q_len)
+    out = out.reshape(batch, q_heads, q_len, values.shape[-1])
+    return out.to(query.dtype), lse.reshape(batch, q_heads, q_len)
 
 
 def _layout(x: torch.Tensor) -> tuple:

@@ -45,12 +45,21 @@ def probability(name: str, x) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {x!r}")
 
 
+# The largest |scale| accepted.  Scores are float32 in every backend but the float64 one, and a
+# scale near float32's range (3.4e38) turns them into inf and the softmax into NaN.  1e6 (a
+# temperature of 1e-6, far past any argmax-like use) keeps the scores of inputs of ordinary
+# magnitude finite.
+MAX_SCALE = 1e6
+
+
 def scale(x, head_dim: int) -> float:
-    """The softmax scale: ``x`` if a finite real number, ``1 / sqrt(head_dim)`` if None."""
+    """The softmax scale: ``x`` if a real number with ``|x| <= MAX_SCALE``, ``1 / sqrt(head_dim)`` if None."""
     if x is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-        raise ValueError(f"scale must be a finite real number or None (= 1/sqrt(head_dim)), got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not abs(x) <= MAX_SCALE:
+        raise ValueError(
+            f"scale must be a real number with |scale| <= {MAX_SCALE:g} or None (= 1/sqrt(head_dim)), got {x!r}"
+        )
     return float(x)
 
 

@@ -65,12 +65,17 @@ def pool_blocks(
     counts = real_token_counts(key_mask, batch, seq_len, block_size, remainder, xs[0].device, acc_dtype)
     inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
 
-    def real_tokens(x):  # (B, H, S, D) in the accumulation dtype, padding zeroed (no pass when none)
-        x = x.to(acc_dtype)
-        return x if key_mask is None else x * key_mask[:, None, :, None]
-
-    means = tuple((_block_sums(real_tokens(x), block_size, remainder) * inverse_counts).to(x.dtype) for x in xs)
+    means = tuple(
+        (_block_sums(zero_padding(x, key_mask).to(acc_dtype), block_size, remainder) * inverse_counts).to(x.dtype)
+        for x in xs
+    )
     return means, counts > 0
+
+
+def zero_padding(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, S, D) with its padding positions (``key_mask`` False) set to zero, by selection:
+    padding often holds garbage, and NaN * 0 is NaN, so a multiplication would let it through."""
+    return x if key_mask is None else torch.where(key_mask[:, None, :, None], x, 0)
 
 
 def real_token_counts(

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from globalattn import spec
 
@@ -37,24 +36,32 @@ def blocked_attention(
     query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p
 ):
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
-    seed = int(torch.randint(2**62, (1,)).item()) if dropout_p > 0 else 0
+    # Dropout draws its masks from one seed per call, taken from torch's generator (so that
+    # torch.manual_seed reproduces a run) and replayed by the backward.
+    seed = torch.randint(2**62, (1,)) if dropout_p > 0 else None
+    options = (block_size, causal, scope, remainder, scale, top_blocks, dropout_p)
+    return _forward_op(query, key, value, key_global, value_global, present, key_mask, seed, *options)
+
+
+def _plan(
+    query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale, top_blocks, dropout_p
+):
+    """The options and chunks of one call (forward and backward plan the same)."""
     starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)  # planned on the CPU
-    chunks = _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks)
-    options = _Options(
+    return _Options(
         causal=causal,
         scope=scope,
         scale=scale,
         top_blocks=top_blocks,
         dropout_p=dropout_p,
-        seed=seed,
+        seed=0 if seed is None else int(seed),
         query_offset=key.shape[2] - query.shape[2],
         key_mask=key_mask,
         present=present,
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
-        chunks=chunks,
+        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks),
     )
-    return _BlockedAttention.apply(query, key, value, key_global, value_global, options)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class _Options:
 def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks) -> list[_Chunk]:
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
-    if q_len == 0:
+    if batch * q_heads * q_len == 0:
         return []
     num_global = starts.numel()
     offset = seq_len - q_len  # query row i sits at position offset + i
@@ -162,52 +169,126 @@ def _to_device(chunk: _Chunk, device) -> _Chunk:
     return _Chunk(**moved)
 
 
-class _BlockedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, value, key_global, value_global, options: _Options):
-        batch, q_heads, q_len, _ = query.shape
-        compute_dtype = torch.promote_types(query.dtype, torch.float32)
-        out = query.new_zeros(batch, q_heads, q_len, value.shape[-1])
-        lse = torch.full((batch, q_heads, q_len), float("-inf"), dtype=compute_dtype, device=query.device)
-        for chunk in options.chunks:
-            tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
-            probs, chunk_lse = tiles.probabilities()
-            if options.dropout_p > 0:
-                probs.mul_(tiles.dropout_scale(probs.shape))
-            tiles.write_rows(out, tiles.weighted_values(probs))
-            tiles.write_rows(lse[..., None], chunk_lse[..., None])
-        ctx.save_for_backward(query, key, value, key_global, value_global, out, lse)
-        ctx.options = options
-        return out, lse
+# The forward and backward are custom ops, opaque to torch.compile: their chunk planning is Python
+# over the block layout, which would otherwise break the graph of every model that calls them.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        query, key, value, key_global, value_global, out, lse = ctx.saved_tensors
-        options = ctx.options
-        grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in ctx.saved_tensors[:5]]
-        grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        for chunk in options.chunks:
-            tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
-            probs, _ = tiles.probabilities(lse=tiles.gather_rows(lse[..., None])[..., 0])
-            tiles.zero_padding_rows_(probs)  # a padding slot repeats a real query: keep it out of dK, dV
-            d_out = tiles.gather_rows(grad_out)  # (B, Hkv, n, g*Qm, Dv)
-            # Softmax backward: dS = P * (dP - sum_j P_j dP_j + d_lse), and that sum equals <dO, O>.
-            delta = (d_out * tiles.gather_rows(out)).sum(-1, keepdim=True)
-            if grad_lse is not None:
-                delta -= tiles.gather_rows(grad_lse[..., None])
-            d_scores = tiles.value_products(d_out)  # dO [V ; Vg]^T, (B, Hkv, n, g*Qm, Km + Gv)
-            weights = probs
-            if options.dropout_p > 0:
-                keep = tiles.dropout_scale(probs.shape)
-                d_scores.mul_(keep)
-                weights = probs * keep
-            tiles.add_value_grads(weights, d_out, grad_value, grad_value_global)
-            d_scores.sub_(delta).mul_(probs)
-            tiles.write_rows(grad_query, tiles.add_key_grads(d_scores, grad_key, grad_key_global))
-        return (*(g.to(x.dtype) for g, x in zip(grads, ctx.saved_tensors)), None)
+
+@torch.library.custom_op("globalattn::blocked_forward", mutates_args=())
+def _forward_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_global: torch.Tensor,
+    value_global: torch.Tensor,
+    present: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    block_size: int,
+    causal: bool,
+    scope: str,
+    remainder: str,
+    scale: float,
+    top_blocks: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
+                    top_blocks, dropout_p)  # fmt: skip
+    out, lse = _empty_outputs(query, value)  # every row is written by the one tile that holds it
+    for chunk in options.chunks:
+        tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
+        probs, chunk_lse = tiles.probabilities()
+        if options.dropout_p > 0:
+            probs.mul_(tiles.dropout_scale(probs.shape))
+        tiles.write_rows(out, tiles.weighted_values(probs))
+        tiles.write_rows(lse[..., None], chunk_lse[..., None])
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(query, key, value, *rest):
+    return _empty_outputs(query, value)
+
+
+def _empty_outputs(query, value):
+    """out (B, Hq, L, Dv) in the query's dtype and lse (B, Hq, L) in float32 or better, unfilled."""
+    batch, q_heads, q_len, _ = query.shape
+    lse_dtype = torch.promote_types(query.dtype, torch.float32)
+    return query.new_empty(batch, q_heads, q_len, value.shape[-1]), query.new_empty(
+        batch, q_heads, q_len, dtype=lse_dtype
+    )
+
+
+@torch.library.custom_op("globalattn::blocked_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_global: torch.Tensor,
+    value_global: torch.Tensor,
+    present: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scope: str,
+    remainder: str,
+    scale: float,
+    top_blocks: int,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
+                    top_blocks, dropout_p)  # fmt: skip
+    inputs = (query, key, value, key_global, value_global)
+    grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in inputs]
+    grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
+    for chunk in options.chunks:
+        tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
+        probs, _ = tiles.probabilities(lse=tiles.gather_rows(lse[..., None])[..., 0])
+        tiles.zero_padding_rows_(probs)  # a padding slot repeats a real query: keep it out of dK, dV
+        d_out = tiles.gather_rows(grad_out)  # (B, Hkv, n, g*Qm, Dv)
+        # Softmax backward: dS = P * (dP - sum_j P_j dP_j + d_lse), and that sum equals <dO, O>.
+        delta = (d_out * tiles.gather_rows(out)).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta -= tiles.gather_rows(grad_lse[..., None])
+        d_scores = tiles.value_products(d_out)  # dO [V ; Vg]^T, (B, Hkv, n, g*Qm, Km + Gv)
+        weights = probs
+        if options.dropout_p > 0:
+            keep = tiles.dropout_scale(probs.shape)
+            d_scores.mul_(keep)
+            weights = probs * keep
+        tiles.add_value_grads(weights, d_out, grad_value, grad_value_global)
+        d_scores.sub_(delta).mul_(probs)
+        tiles.write_rows(grad_query, tiles.add_key_grads(d_scores, grad_key, grad_key_global))
+    return tuple(g.to(x.dtype) for g, x in zip(grads, inputs))
+
+
+@_backward_op.register_fake
+def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
+    return tuple(torch.empty_like(x) for x in (query, key, value, key_global, value_global))
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. dropout_p)
+    ctx.save_for_backward(*tensors, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    if torch.is_grad_enabled():  # create_graph=True: the gradients would have to be differentiable
+        raise RuntimeError(
+            "backend='torch' has no double backward (its backward is not differentiable); "
+            "use backend='reference' for second derivatives"
+        )
+    *tensors, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grads = _backward_op(grad_out, grad_lse, *tensors, out, lse, *ctx.options)
+    return (*grads, None, None, None, *(None for _ in ctx.options))
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ChunkTiles:
