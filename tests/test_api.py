@@ -245,8 +245,10 @@ def test_torch_backend_compiles_without_graph_breaks(causal):
         assert max_error(got, expected) < 1e-5
 
 
-def test_torch_backend_refuses_double_backward():
-    q, k, v = (randn(B, h, S, D).requires_grad_() for h in (HQ, HKV, HKV))
-    out = global_attention(q, k, v, 4, backend="torch")
-    with pytest.raises(RuntimeError, match="double backward"):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_first_order_backends_refuse_double_backward(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v = (randn(B, h, S, 16, dtype=dtype).requires_grad_() for h in (HQ, HKV, HKV))
+    out = global_attention(q, k, v, 4, backend=backend)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' has no double backward"):
         torch.autograd.grad(out.sum(), q, create_graph=True, allow_unused=True)

@@ -172,6 +172,29 @@ def test_switching_the_implementation_and_loading_with_it(tmp_path):
     assert (ours - dense).abs().max() > 1e-3  # the switch is real
 
 
+@pytest.mark.parametrize(
+    "config, auto_class",
+    [
+        pytest.param(lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2), "AutoModelForCausalLM",
+                     id="decoder"),
+        pytest.param(lambda: BertConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4), "AutoModel", id="encoder", marks=needs_bert_interface),
+    ],
+)  # fmt: skip
+def test_the_one_line_from_pretrained_works_on_a_config_without_the_key(tmp_path, config, auto_class):
+    """A pretrained model's saved config has no block size: the keyword must still reach the config."""
+    config = config()
+    assert ga_hf.BLOCK_SIZE_KEY not in config.to_dict()
+    getattr(transformers, auto_class).from_config(config).save_pretrained(tmp_path)
+    loaded = getattr(transformers, auto_class).from_pretrained(
+        tmp_path, attn_implementation=NAME, global_attention_block_size=64
+    )
+    assert loaded.config.global_attention_block_size == 64 and loaded.config._attn_implementation == NAME
+    loaded.save_pretrained(tmp_path / "again")  # and the block size is saved with it
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "again").global_attention_block_size == 64
+
+
 def test_block_size_keyword_overrides_the_config():
     model = llama()
     ids = torch.randint(1, VOCAB, (1, 20))
@@ -248,6 +271,20 @@ def test_beam_search_and_sampled_repeats_work_with_the_cache():
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: each names the layer or the setting.
+
+
+@pytest.mark.parametrize("how", ["generate", "forward"])
+def test_a_static_cache_is_refused_with_the_cache_to_use(how):
+    """A static cache pads keys (and mask) to its length: once silently wrong logits, now refused."""
+    model = llama()
+    ids = torch.randint(1, VOCAB, (1, 9))
+    with pytest.raises(ValueError, match="fixed-size cache .* use past_key_values=GlobalAttentionCache"):
+        if how == "generate":
+            model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        else:  # its query offset is a tensor once its first step has allocated it
+            cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+            cache.update(*(torch.randn(1, 2, 1, 6, dtype=torch.float64) for _ in range(2)), layer_idx=0)
+            model(ids, past_key_values=cache)
 
 
 def test_a_missing_or_bad_block_size_says_where_to_set_it():

@@ -99,6 +99,40 @@ def test_strided_inputs():
     assert torch.equal(case.attend("triton", *strided, key_mask), expected)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "fused_qkv", "column_major_mask"])
+def test_backward_on_user_layouts(layout):
+    """Gradients of strided inputs land in their own buffers (an expanded key once read garbage, and
+    a fused-QKV view was written up to 3x past its end); a column-major mask is read as (B, S)."""
+    # No mask with the strided inputs: zeroing the padding would hand the kernels fresh tensors.
+    case = SEED.replace(Hq=2, Hkv=2, L=19, S=19, mask="random" if layout == "column_major_mask" else None)
+    q, k, v, key_mask = case.inputs(torch.float32)
+    if layout == "expanded":
+        k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    elif layout == "fused_qkv":
+        qkv = torch.stack([x.transpose(1, 2) for x in (q, k, v)], dim=2)  # (B, S, 3, H, D)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        key_mask = key_mask.t().contiguous().t()
+        assert not key_mask.is_contiguous()
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    upstream = torch.randn(case.B, case.Hq, case.L, case.D)
+    got = case.attend("triton", q, k, v, key_mask)
+    expected = case.attend("torch", *dense, key_mask)
+    assert_max_error(got, expected, 1e-5, "out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads_of(got, (q, k, v), upstream), grads_of(expected, dense, upstream)):
+        assert_max_error(a, b, 1e-5, name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+@pytest.mark.parametrize("empty", ["B", "Hq"])
+def test_empty_batch_or_heads(backend, empty):
+    batch, q_heads = (0, 2) if empty == "B" else (2, 0)
+    q, k, v = torch.randn(batch, q_heads, 7, 16), torch.randn(batch, 2, 7, 16), torch.randn(batch, 2, 7, 16)
+    out, lse = global_attention(q, k, v, 3, return_lse=True, backend=backend)
+    assert out.shape == (batch, q_heads, 7, 16) and lse.shape == (batch, q_heads, 7)
+
+
 def test_compiles_as_one_graph():
     """The kernels are custom ops: torch.compile traces through forward and backward without a break."""
     case = SEED.replace(D=16, causal=True)

@@ -76,3 +76,13 @@ def mode(causal, scope: str = "all", remainder: str | None = None) -> None:
         )
     if causal and scope == "own":
         raise ValueError('scope="own" is bidirectional only; with causal=True use scope="all"')
+
+
+def first_order_backward(backend: str) -> None:
+    """Called in a backend's backward: refuse ``create_graph=True``, since its gradients are not
+    differentiable (without this, a second derivative would be silently missing)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={backend!r} has no double backward (its backward is not differentiable); "
+            "use backend='reference' for second derivatives"
+        )

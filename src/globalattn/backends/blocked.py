@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from globalattn import spec
+from globalattn import checks, spec
 
 # Score entries (B * Hq * rows * columns) per chunk.  Bounds the peak extra memory (a few buffers
 # of this many float32 values) while keeping each matmul large enough to run at speed.
@@ -277,11 +277,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    if torch.is_grad_enabled():  # create_graph=True: the gradients would have to be differentiable
-        raise RuntimeError(
-            "backend='torch' has no double backward (its backward is not differentiable); "
-            "use backend='reference' for second derivatives"
-        )
+    checks.first_order_backward("torch")
     *tensors, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grads = _backward_op(grad_out, grad_lse, *tensors, out, lse, *ctx.options)

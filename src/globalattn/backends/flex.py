@@ -79,7 +79,7 @@ def attention(query, key, value, *, block_size, causal, scope, remainder, key_ma
     batch, q_heads, q_len, _ = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
     lse_dtype = torch.promote_types(query.dtype, torch.float32)
-    if q_len == 0 or batch == 0:  # nothing to attend; FlexAttention's kernels refuse empty queries
+    if batch * q_heads * q_len == 0:  # nothing to attend; FlexAttention's kernels refuse empty queries
         nothing = sum(x[:, :, :0].sum() for x in (query, key, value))  # 0, connected to the inputs' graph
         out = query.new_zeros(batch, q_heads, q_len, value.shape[-1]) + nothing
         return out, torch.full((batch, q_heads, q_len), float("-inf"), dtype=lse_dtype, device=query.device)

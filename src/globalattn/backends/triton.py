@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from globalattn import spec
+from globalattn import checks, spec
 
 LOG2_E = math.log2(math.e)
 MAX_HEAD_DIM = 256
@@ -484,6 +484,15 @@ def _kernel_layout(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 and x.shape[2] * x.stride(2) < 2**31 else x.contiguous() for x in xs]
 
 
+def _with_gradient_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and an empty buffer for its gradient, with the same strides: the kernels read the one and
+    write the other through one set of strides.  ``empty_like`` keeps a dense layout (e.g. a
+    (B, S, H, D) transpose) but not an expanded or sliced one (a fused-QKV view); those are copied."""
+    if torch.empty_like(x).stride() != x.stride():
+        x = x.contiguous()
+    return x, torch.empty_like(x)
+
+
 def _static_args(query, value, key_keep, causal, scope_own) -> dict:
     """Meta-parameters every kernel takes."""
     return dict(
@@ -500,7 +509,8 @@ def _global_tokens(key, value, key_mask, block_size, remainder):
     """The pooled keys and values, which blocks have a global token and which keys are real, as the
     kernels read them (int8 for the flags)."""
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
-    keep = None if key_mask is None else key_mask.to(torch.int8)
+    # The kernels read the mask as a row-major (B, S) array, whatever the caller's layout.
+    keep = None if key_mask is None else key_mask.to(torch.int8, memory_format=torch.contiguous_format)
     return key_global, value_global, present.to(torch.int8), keep
 
 
@@ -522,7 +532,7 @@ def _forward_op(
     kv_heads, seq_len = key.shape[1], key.shape[2]
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
-    if q_len == 0:
+    if out.numel() == 0:  # no rows (L, B or Hq is 0): no program to launch
         return out, lse
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
     _forward_kernel[grid](
@@ -565,9 +575,9 @@ def _backward_op(
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, seq_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
     num_blocks = key_global.shape[2]
-    if q_len == 0:
+    if query.numel() == 0:  # no rows (L, B or Hq is 0): no program to launch
         return torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
-    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    (query, grad_query), (key, grad_key), (value, grad_value) = map(_with_gradient_buffer, (query, key, value))
     lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
     static = _static_args(query, value, keep, causal, scope_own)
     grid = (triton.cdiv(q_len, ROW_TILE), batch * q_heads)
@@ -629,6 +639,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
+    checks.first_order_backward("triton")
     query, key, value, key_mask, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse

@@ -29,7 +29,7 @@ import numbers
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -66,6 +66,12 @@ def register(name: str = "global_attention") -> str:
             raise ValueError(f"name {name!r} is already registered by another {type(interface).__name__} entry")
     AttentionInterface.register(name, global_attention_forward)
     AttentionMaskInterface.register(name, global_attention_mask)
+    # from_pretrained routes a keyword into the config only if the config already has that
+    # attribute, else hands it to the model's __init__ (a TypeError).  Declaring it on the base
+    # class (None = unset) makes the one-line form work for every model and AutoConfig
+    # (sentence-transformers' config_kwargs included); a value set this way is saved with the model.
+    if not hasattr(PretrainedConfig, BLOCK_SIZE_KEY):
+        setattr(PretrainedConfig, BLOCK_SIZE_KEY, None)
     return name
 
 
@@ -112,14 +118,21 @@ def global_attention_mask(
     Global attention brings its own pattern (blocks, causality), so the model's mask function
     (causal, sliding window, ...) is not used; only the 2D padding mask of the keys matters.
     """
+    # Queries are the last positions of the keys (global_attention's L <= S rule).  A fixed-size
+    # cache (StaticCache, cache_implementation="static") pads its keys to its length, and is the
+    # one that gives the query offset as a tensor; its padded mask would pass every check below.
+    if isinstance(kwargs.get("q_offset"), torch.Tensor):
+        raise ValueError(
+            "global attention needs keys that end at the last query, and a fixed-size cache (StaticCache, "
+            "cache_implementation='static') pads them: use past_key_values=GlobalAttentionCache() (or DynamicCache)"
+        )
     if attention_mask is None:
         return None
     key_mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
     if key_mask.shape[1] != kv_length:
         raise ValueError(
             f"the attention mask covers {attention_mask.shape[1]} positions, the keys run to {kv_offset + kv_length}: "
-            "global attention needs keys that end at the last query, as with DynamicCache or GlobalAttentionCache "
-            "(a static cache pads its keys)"
+            "global attention needs keys that end at the last query, as with DynamicCache or GlobalAttentionCache"
         )
     return None if bool(key_mask.all()) else key_mask
 
