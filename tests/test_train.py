@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from globalattn import train as training
 from globalattn.cli import main
@@ -325,3 +325,54 @@ def test_cli_reports_a_diverged_run(tmp_path, monkeypatch, capsys):
     code = main([*argv.split(), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("globalattn: error: step 1: the loss is") and "no checkpoint" in err
+
+
+def _drop_a_tensor(path: Path) -> None:
+    tensors = load_file(path)
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, path)
+
+
+def _rewrite_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+CORRUPTIONS = {  # what is done to a finished run's checkpoint, and the file the refusal must name
+    "model-tensor-missing": (lambda c: _drop_a_tensor(c / "model.safetensors"), "model.safetensors"),
+    "optimizer-empty": (
+        lambda c: save_file({}, c / "optimizer.safetensors"),
+        "optimizer.safetensors",
+    ),
+    "model-truncated": (
+        lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:100]),
+        "model.safetensors",
+    ),
+    "model-missing": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors"),
+    "state-corrupt": (lambda c: (c / "state.json").write_text("{not json"), "state.json"),
+    "latest-negative-step": (
+        lambda c: _rewrite_json(c.parent / "latest.json", lambda d: d.update(step=-1)),
+        "latest.json",
+    ),
+    "latest-outside-the-run": (
+        lambda c: _rewrite_json(c.parent / "latest.json", lambda d: d.update(path="../../elsewhere")),
+        "latest.json",
+    ),
+    "latest-corrupt": (lambda c: (c.parent / "latest.json").write_text("[1, 2"), "latest.json"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, corruption, capsys):
+    argv = "train --task shakespeare --attention global --context 32 --steps 2 --batch 2 --d-model 16 --heads 2"
+    argv = [*argv.split(), "--eval-examples", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    damage, file_named = CORRUPTIONS[corruption]
+    damage(tmp_path / "run" / "checkpoints" / latest["path"])
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("globalattn: error: cannot resume from ") and err.count("\n") == 1, err
+    assert file_named in err

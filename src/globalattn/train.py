@@ -407,37 +407,104 @@ def _save_checkpoint(out: Path, model, optimizer, summary: dict, rank: int) -> N
 
 
 def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
-    pointer = out / CHECKPOINTS / LATEST
+    """(step, folder) of the checkpoint that latest.json names, checked; None when there is none."""
+    root = out / CHECKPOINTS
+    pointer = root / LATEST
     if not pointer.exists():
         return None
-    latest = json.loads(pointer.read_text())
-    return latest["step"], out / CHECKPOINTS / latest["path"]
+    latest = _read_json(pointer)
+    latest = latest if isinstance(latest, dict) else {}
+    step, name = latest.get("step"), latest.get("path")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"cannot resume from {pointer}: its step must be a non-negative int, got {step!r}")
+    # The folder its step names, inside checkpoints/: any other path could load another run's state.
+    if name != f"step-{step:08d}" or not (root / name).is_dir():
+        expected = f"step-{step:08d}"
+        raise ValueError(f"cannot resume from {pointer}: it must name the folder {expected} in {root}, got {name!r}")
+    return step, root / name
 
 
 def _load_checkpoint(path: Path, model, optimizer, summary: dict) -> dict:
-    """Restore weights, optimizer state and RNG state; returns the saved summary (step, history)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    """Restore weights, optimizer state and RNG state; returns the saved summary (step, history).
 
-    state = json.loads((path / "state.json").read_text())
-    saved = state["summary"]
+    Everything is checked before anything is restored: a checkpoint with a missing or misshapen
+    tensor, or a step other than latest.json's, is refused with the file and what is wrong.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _read_json(path / "state.json")
+    try:
+        saved, param_groups, rng = state["summary"], state["param_groups"], state["rng"]["cpu"]
+        saved_step = saved["step"]
+    except (KeyError, TypeError) as missing:
+        raise ValueError(f"cannot resume from {path / 'state.json'}: it lacks {missing}") from None
+    if saved_step != int(path.name.removeprefix("step-")):  # latest.json checked the folder's name
+        raise ValueError(f"cannot resume from {path / 'state.json'}: step {saved_step!r} is not the folder's")
     if saved["config"] != summary["config"]:
         fields = saved["config"].keys() | summary["config"].keys()  # a field added since it was saved counts too
         changed = sorted(k for k in fields if saved["config"].get(k) != summary["config"].get(k))
         raise ValueError(f"cannot resume from {path}: it was trained with other settings ({', '.join(changed)})")
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=options)
+    expected = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = _read_tensors(path / "model.safetensors")
+    _check_tensors(path / "model.safetensors", weights, {name: t.shape for name, t in expected.items()})
     per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(path / "optimizer.safetensors").items():
+    for key, value in _read_tensors(path / "optimizer.safetensors").items():
         fqn, name = key.rsplit("/", 1)
         per_param.setdefault(fqn, {})[name] = value
-    set_optimizer_state_dict(
-        model, optimizer, {"state": per_param, "param_groups": state["param_groups"]}, options=options
-    )
-    torch.set_rng_state(_decode(state["rng"]["cpu"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name.removeprefix("module.") for name in trainable}  # DDP's wrapper prefix
+    if saved_step > 0 and set(per_param) != trainable:
+        missing = sorted(trainable - set(per_param)) or sorted(set(per_param) - trainable)
+        raise ValueError(
+            f"cannot resume from {path / 'optimizer.safetensors'}: no optimizer state for, or unknown, {missing[:3]}"
+        )
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": param_groups}, options=options)
+    torch.set_rng_state(_decode(rng))
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(_decode(state["rng"]["cuda"]))
     return {**saved, "world_size": summary["world_size"], "device": summary["device"]}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except OSError as failed:
+        raise ValueError(f"cannot resume from {path}: {failed.strerror or failed}") from None
+    except json.JSONDecodeError as bad:
+        raise ValueError(f"cannot resume from {path}: not valid JSON ({bad})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except OSError as failed:
+        raise ValueError(f"cannot resume from {path}: {failed.strerror or failed}") from None
+    except SafetensorError as bad:
+        raise ValueError(f"cannot resume from {path}: not a whole safetensors file ({bad})") from None
+
+
+def _check_tensors(path: Path, tensors: dict, shapes: dict) -> None:
+    """Every expected tensor present with its shape, and no other."""
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ValueError(f"cannot resume from {path}: tensor {name!r} is missing")
+        if tensors[name].shape != shape:
+            raise ValueError(
+                f"cannot resume from {path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"the model's is {tuple(shape)}"
+            )
+    if unknown := sorted(tensors.keys() - shapes.keys()):
+        raise ValueError(f"cannot resume from {path}: unknown tensors {unknown[:3]}")
 
 
 def _encode(t: torch.Tensor) -> str:
