@@ -15,9 +15,10 @@ vocabulary 4096), random weights, float32, batch 1.  The same weights run
 
 Then greedy decode steps are timed, each a full forward of one token (logits included); reported:
 the median per token of the least disturbed of --rounds rounds of --steps steps (other work on a
-shared machine inflates timings, never deflates them), and the bytes each cache holds at the
-context's length.  A correctness gate runs first:
-prefill + decoding with the cache must give the logits of the whole sequence at once.
+shared machine inflates timings, never deflates them), the bytes each cache holds at the context's
+length, and how many times fewer bytes the global cache holds over the next b positions: best (a
+context that is a multiple of b, the current block empty), worst (b - 1 raw tokens held) and mean.
+A correctness gate runs first: prefill + decoding with the cache must give the logits of the whole sequence at once.
 Writes benchmarks/results/decode-{cpu,cuda}.json.
 """
 
@@ -71,7 +72,7 @@ def main() -> None:
 
     header = (
         f"{'context':>8} | {'global ms/token':>15} {'sdpa ms/token':>13} {'speed-up':>8} | "
-        f"{'global cache MB':>15} {'dynamic cache MB':>16} {'ratio':>6}"
+        f"{'global cache MB':>15} {'dynamic cache MB':>16} {'ratio best':>10} {'worst':>6} {'mean':>6}"
     )
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -85,6 +86,7 @@ def main() -> None:
         dynamic_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic.layers)
         global_s = _decode_seconds(model, ours, args, device)
         sdpa_s = _decode_seconds(sdpa_model, dynamic, args, device)
+        ratios = _ratios_over_one_block(model, ours, dynamic_bytes / context, args.block_size, device)
         row = {
             "context": context,
             "global_ms_per_token": global_s * 1e3,
@@ -92,12 +94,17 @@ def main() -> None:
             "speedup": sdpa_s / global_s,
             "global_cache_bytes": ours_bytes,
             "dynamic_cache_bytes": dynamic_bytes,
+            # dynamic / global bytes at every position of one block: best (the block just pooled),
+            # worst (b - 1 raw tokens held) and the mean a long generation sees
+            "ratio_best": max(ratios),
+            "ratio_worst": min(ratios),
+            "ratio_mean": statistics.fmean(ratios),
         }
         rows.append(row)
         print(
             f"{context:>8} | {row['global_ms_per_token']:>15.2f} {row['sdpa_ms_per_token']:>13.2f} "
             f"{row['speedup']:>7.1f}x | {ours_bytes / 2**20:>15.2f} {dynamic_bytes / 2**20:>16.1f} "
-            f"{dynamic_bytes / ours_bytes:>5.0f}x"
+            f"{row['ratio_best']:>9.0f}x {row['ratio_worst']:>5.0f}x {row['ratio_mean']:>5.0f}x"
         )
         del ours, dynamic
 
@@ -173,6 +180,19 @@ def _decode_seconds(model, cache, args, device) -> float:
         if step >= 2:
             rounds[(step - 2) // args.steps].append(time.perf_counter() - start)
     return min(statistics.median(times) for times in rounds)
+
+
+@torch.no_grad()
+def _ratios_over_one_block(model, cache, dynamic_bytes_per_token: float, block_size: int, device) -> list[float]:
+    """Decode one block's worth of tokens more, and at each step the bytes a DynamicCache of the same
+    length would hold over the bytes ``cache`` holds.  A context that is a multiple of b is the best
+    case (the current block empty); b - 1 tokens later is the worst."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    ratios = []
+    for _ in range(block_size):
+        model(input_ids=token, use_cache=True, **_cache_kwargs(model, cache))
+        ratios.append(dynamic_bytes_per_token * cache.get_seq_length() / cache.nbytes)
+    return ratios
 
 
 @torch.no_grad()

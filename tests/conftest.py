@@ -288,3 +288,34 @@ def assert_gradients_match_dense_float64(case: Case, inputs, key_mask, out, lse)
     assert (dq.transpose(1, 2)[empty] == 0).all()
     if key_mask is not None:
         assert (dk.transpose(1, 2)[~key_mask] == 0).all() and (dv.transpose(1, 2)[~key_mask] == 0).all()
+
+
+# Memory layouts users pass: every backend is tested on them (test_properties, test_triton, test_flex).
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded", "fused_qkv")
+
+
+def in_layout(q, k, v, layout: str):
+    """The same values as (q, k, v), as views of the given memory layout.
+
+    transposed: (B, S, H, D) storage; sliced: every other position of a longer buffer, head dim cut
+    from a wider one; expanded: key/value heads broadcast from one (stride 0, so all heads equal);
+    fused_qkv: views into one (B, S, 3, H, D) buffer, as a fused QKV projection gives them.
+    """
+    if layout == "contiguous":
+        return q, k, v
+    if layout == "transposed":
+        return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    if layout == "sliced":
+
+        def sliced(x):
+            wide = torch.randn(x.shape[0], x.shape[1], 2 * x.shape[2], x.shape[3] + 3, dtype=x.dtype)
+            wide[:, :, ::2, : x.shape[3]] = x
+            return wide[:, :, ::2, : x.shape[3]]
+
+        return tuple(sliced(x) for x in (q, k, v))
+    if layout == "expanded":
+        return q, k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+    assert layout == "fused_qkv", layout
+    assert q.shape == k.shape == v.shape
+    qkv = torch.stack([x.transpose(1, 2) for x in (q, k, v)], dim=2)  # (B, S, 3, H, D)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))

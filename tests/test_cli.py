@@ -62,6 +62,11 @@ def test_json_is_everything(capsys, tmp_path):
         pytest.param(["--head", "12"], "head 12 does not exist", id="head-12"),
         pytest.param(["--layer", "6"], "layer 6 does not exist", id="layer-6"),
         pytest.param(["--causal", "--scope", "own"], 'scope="own" is bidirectional only', id="causal-own"),
+        pytest.param(
+            ["--block-size", "99999999999999999999"],
+            "block_size must be at most",
+            id="block-size-huge",
+        ),
     ],
 )
 def test_refusals_are_one_line(capsys, tmp_path, arguments, message):
@@ -97,3 +102,35 @@ def test_python_dash_m(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr == "globalattn: error: block_size must be a positive int, got 0\n"
+
+
+TRAIN = "train --task mqar --attention dense --context 64 --steps 1 --batch 2 --d-model 16 --heads 2 --no-progress"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        pytest.param([*TRAIN.split(), "--device", "banana"], "--device must be a torch device", id="device-banana"),
+        pytest.param(
+            [*TRAIN.split(), "--device", "cuda"],
+            "this torch sees no CUDA device",
+            id="device-cuda-without-one",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
+        ),
+        pytest.param([*TRAIN.split(), "--out", "/proc/no-such-dir/run"], "cannot write /proc/no-such-dir", id="out"),
+        pytest.param(
+            ["compare", "--preset", "cpu-small", "--steps", "0"], "--steps must be a positive int", id="steps-0"
+        ),
+        pytest.param(["compare", "--preset", "cpu-small", "--tasks", "nothing"], "leave no run", id="no-run"),
+        pytest.param(["compare", "--preset", "cpu-small", "--device", "banana"], "--device must be", id="compare-dev"),
+    ],
+)
+def test_train_and_compare_refuse_in_one_line(capsys, arguments, message):
+    assert main(arguments) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("globalattn: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_an_unknown_flag_is_named_on_stderr(capsys):
+    assert main(["--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from conftest import (
     assert_gradients_match_dense_float64,
     assert_max_error,
     case_params,
+    in_layout,
     max_error,
 )
 from globalattn import global_attention, spec
@@ -85,6 +86,27 @@ def test_forward_with_small_tiles(case, monkeypatch):
 def test_gradients_match_dense_float64(case, dtype, device, monkeypatch):
     """As in test_backends.py, where flex's CPU gradients skip (the public function refuses them)."""
     q, k, v, key_mask = case.inputs(dtype, device, requires_grad=True)
+    out, lse = attend_flex(case, q, k, v, key_mask, monkeypatch)
+    assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
+
+
+LAYOUTS = ["transposed", "sliced", "expanded", "fused_qkv", "column_major_mask"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_user_layouts_match_the_oracle(layout, monkeypatch):
+    """Values and gradients (through the seam) on the strided views users pass, and a column-major
+    key_mask.  Strided layouts without a mask: zeroing the padding would hand flex dense copies."""
+    case = Case(B=2, Hq=2, Hkv=2, L=19, S=19, D=16, b=5, mask="random" if layout == "column_major_mask" else None)
+    q, k, v, key_mask = case.inputs(torch.float32)
+    if layout == "column_major_mask":
+        key_mask = key_mask.t().contiguous().t()
+    else:
+        q, k, v = in_layout(q, k, v, layout)
+    with torch.no_grad():  # the public path, forward only on the CPU
+        out = case.attend("flex", q, k, v, key_mask)
+    assert_max_error(out, case.oracle(q, k, v, key_mask).out, FORWARD_ATOL[torch.float32], "out")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     out, lse = attend_flex(case, q, k, v, key_mask, monkeypatch)
     assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
 

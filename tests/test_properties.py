@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Case, assert_max_error
+from conftest import LAYOUTS, Case, assert_max_error, in_layout
 from globalattn import backends, global_attention
 
 BACKENDS = ["reference", "torch"]
@@ -176,35 +176,6 @@ def test_backends_agree_with_each_other_and_the_oracle(drawn):
 
 
 # --- Every backend on the memory layouts users pass, with garbage in the padding -----------------
-
-LAYOUTS = ("contiguous", "transposed", "sliced", "expanded", "fused_qkv")
-
-
-def in_layout(q, k, v, layout: str):
-    """The same values as (q, k, v), as views of the given memory layout.
-
-    transposed: (B, S, H, D) storage; sliced: every other position of a longer buffer, head dim cut
-    from a wider one; expanded: key/value heads broadcast from one (stride 0, so all heads equal);
-    fused_qkv: views into one (B, S, 3, H, D) buffer, as a fused QKV projection gives them.
-    """
-    if layout == "contiguous":
-        return q, k, v
-    if layout == "transposed":
-        return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    if layout == "sliced":
-
-        def sliced(x):
-            wide = torch.randn(x.shape[0], x.shape[1], 2 * x.shape[2], x.shape[3] + 3, dtype=x.dtype)
-            wide[:, :, ::2, : x.shape[3]] = x
-            return wide[:, :, ::2, : x.shape[3]]
-
-        return tuple(sliced(x) for x in (q, k, v))
-    if layout == "expanded":
-        return q, k[:, :1].expand_as(k), v[:, :1].expand_as(v)
-    assert layout == "fused_qkv", layout
-    assert q.shape == k.shape == v.shape
-    qkv = torch.stack([x.transpose(1, 2) for x in (q, k, v)], dim=2)  # (B, S, 3, H, D)
-    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
 
 
 def available_backends() -> list:

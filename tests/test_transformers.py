@@ -387,3 +387,13 @@ def test_minilm_sentence_embeddings_after_the_swap():
     assert max(lengths) <= MINILM_BLOCK_SIZES[-1]
     assert (one_block > 0.9).all() and (one_block < 1 - 1e-7).all()  # close, and really swapped
     assert similarity[MINILM_BLOCK_SIZES[0]].mean() < one_block.mean()  # smaller blocks see less
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_whole_model_compiles_without_graph_breaks(padded):
+    model = llama()
+    ids = torch.randint(1, VOCAB, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0 if padded else 1
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]

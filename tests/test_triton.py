@@ -14,7 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CUDA, SEED, Case, assert_max_error, case_params, grads_of
+from conftest import (
+    CUDA,
+    DTYPE_IDS,
+    FORWARD_ATOL,
+    GRAD_RTOL,
+    LSE_ATOL,
+    SEED,
+    Case,
+    assert_gradients_match_dense_float64,
+    assert_max_error,
+    case_params,
+    grads_of,
+    in_layout,
+)
 from globalattn import backends, explain_backend, global_attention
 
 triton_backend = pytest.importorskip("globalattn.backends.triton")
@@ -99,29 +112,51 @@ def test_strided_inputs():
     assert torch.equal(case.attend("triton", *strided, key_mask), expected)
 
 
-@pytest.mark.parametrize("layout", ["expanded", "fused_qkv", "column_major_mask"])
-def test_backward_on_user_layouts(layout):
-    """Gradients of strided inputs land in their own buffers (an expanded key once read garbage, and
-    a fused-QKV view was written up to 3x past its end); a column-major mask is read as (B, S)."""
-    # No mask with the strided inputs: zeroing the padding would hand the kernels fresh tensors.
-    case = SEED.replace(Hq=2, Hkv=2, L=19, S=19, mask="random" if layout == "column_major_mask" else None)
-    q, k, v, key_mask = case.inputs(torch.float32)
-    if layout == "expanded":
-        k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
-    elif layout == "fused_qkv":
-        qkv = torch.stack([x.transpose(1, 2) for x in (q, k, v)], dim=2)  # (B, S, 3, H, D)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    else:
+# Two query tiles at the interpreter's 16 rows; one shape for all, as a fused QKV buffer needs.
+LAYOUT_CASE = Case(B=2, Hq=2, Hkv=2, L=19, S=19, D=16, b=5)
+LAYOUTS = ["transposed", "sliced", "expanded", "fused_qkv", "column_major_mask"]
+
+
+def layout_inputs(layout: str, dtype):
+    """Random (q, k, v, key_mask) of LAYOUT_CASE in a user's memory layout (see in_layout), each view
+    a leaf that requires grad.  The strided layouts go without a mask: zeroing the padding would
+    hand the kernels fresh dense tensors; the mask's own layout is tested with dense inputs."""
+    case = LAYOUT_CASE.replace(mask="random") if layout == "column_major_mask" else LAYOUT_CASE
+    q, k, v, key_mask = case.inputs(dtype)
+    if layout == "column_major_mask":
         key_mask = key_mask.t().contiguous().t()
         assert not key_mask.is_contiguous()
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    dense = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
-    upstream = torch.randn(case.B, case.Hq, case.L, case.D)
-    got = case.attend("triton", q, k, v, key_mask)
-    expected = case.attend("torch", *dense, key_mask)
-    assert_max_error(got, expected, 1e-5, "out")
-    for name, a, b in zip(("dq", "dk", "dv"), grads_of(got, (q, k, v), upstream), grads_of(expected, dense, upstream)):
-        assert_max_error(a, b, 1e-5, name)
+    else:
+        q, k, v = in_layout(q, k, v, layout)
+    return case, *(x.requires_grad_() for x in (q, k, v)), key_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_user_layouts_match_the_oracle(layout, dtype):
+    """Values and gradients on strided views: the gradient buffers once took the inputs' strides
+    (an expanded key read uninitialised memory, a fused-QKV view was written past its end), and a
+    column-major key_mask was read as if row-major."""
+    case, q, k, v, key_mask = layout_inputs(layout, dtype)
+    out, lse = case.attend("triton", q, k, v, key_mask, return_lse=True)
+    ref = case.oracle(q, k, v, key_mask)
+    assert_max_error(out, ref.out, FORWARD_ATOL[dtype], "out")
+    assert_max_error(lse, ref.lse, LSE_ATOL[dtype], "lse")
+    assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
+
+
+def test_expanded_key_gradient_sums_over_heads():
+    """A key broadcast over heads gets the sum of its heads' gradients (autograd's expand)."""
+    case = LAYOUT_CASE
+    q, k, v, _ = case.inputs(torch.float32, requires_grad=True)
+    shared = k[:, :1].detach().requires_grad_()  # (B, 1, S, D)
+    out = case.attend("triton", q, shared.expand_as(k), v, None)
+    upstream = torch.randn_like(out)
+    (got,) = grads_of(out, (shared,), upstream)
+    exact = shared.detach().double().requires_grad_()
+    ref_out = case.attend("reference", q.detach().double(), exact.expand_as(k), v.detach().double(), None)
+    (expected,) = grads_of(ref_out, (exact,), upstream.double())
+    assert_max_error(got, expected, GRAD_RTOL[torch.float32] * max(1.0, expected.abs().max().item()), "dk")
 
 
 @pytest.mark.parametrize("backend", ["triton", "flex"])

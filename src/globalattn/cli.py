@@ -30,17 +30,28 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, or a usage error that argparse has reported
         return stop.code
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: a COMMAND is required (demo, train or compare)", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except ValueError as refused:  # the demo and the library refuse bad input with a one-line reason
         print(f"{PROG}: error: {refused}", file=sys.stderr)
+        return 2
+    except OSError as failed:  # an --out that cannot be written, a disk that is full
+        print(
+            f"{PROG}: error: cannot write {failed.filename or 'the output'}: {failed.strerror or failed}",
+            file=sys.stderr,
+        )
         return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Global-token attention for PyTorch.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required=True: argparse would then report a missing COMMAND before an unknown flag.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(commands)
     _add_train(commands)
     _add_compare(commands)
@@ -174,6 +185,7 @@ def _add_run_options(parser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from globalattn.train import NonFiniteLoss, TrainConfig, train
 
+    _check_device(args.device)
     _set_threads(args.threads)
     config = TrainConfig(
         task=args.task,
@@ -249,14 +261,32 @@ def _add_compare(commands) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from globalattn.compare import PRESETS, compare
+    from globalattn.train import TrainConfig
 
+    _check_device(args.device)
     _set_threads(args.threads)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be a positive int, got {args.steps}")
     preset = PRESETS[args.preset].narrowed(
         tasks=args.tasks, contexts=args.contexts, attentions=args.attentions, seeds=args.seeds, steps=args.steps
     )
+    if not any(isinstance(run, TrainConfig) for run in preset.runs()):
+        raise ValueError(f"the filters (--tasks, --contexts, --attentions) leave no run of preset {args.preset!r}")
     report = compare(preset, args.out, device=args.device, progress=not args.no_progress)
     print(f"{len(report['runs'])} runs in {report['wall_seconds']:.0f} s; tables: {args.out}/results.md")
     return 0
+
+
+def _check_device(name: str) -> None:
+    """--device names a device type this torch can use, or a one-line refusal."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be a torch device such as cpu or cuda, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
 
 
 def _set_threads(threads: int | None) -> None:

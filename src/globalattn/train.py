@@ -158,6 +158,8 @@ def train(
         "step": 0,
     }
     if out is not None:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)  # an --out that cannot be written fails before any step
         checkpoint = _latest_checkpoint(out)
         if checkpoint is not None and not resume:
             raise ValueError(f"{out} already holds a checkpoint (step {checkpoint[0]}); pass --resume or another --out")

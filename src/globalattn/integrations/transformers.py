@@ -134,7 +134,8 @@ def global_attention_mask(
             f"the attention mask covers {attention_mask.shape[1]} positions, the keys run to {kv_offset + kv_length}: "
             "global attention needs keys that end at the last query, as with DynamicCache or GlobalAttentionCache"
         )
-    return None if bool(key_mask.all()) else key_mask
+    # Skipping an all-real mask saves work in eager mode; under torch.compile the check breaks the graph.
+    return key_mask if torch.compiler.is_compiling() or not bool(key_mask.all()) else None
 
 
 class GlobalAttentionCacheLayer(CacheLayerMixin):
