@@ -278,7 +278,7 @@ def test_a_static_cache_is_refused_with_the_cache_to_use(how):
     """A static cache pads keys (and mask) to its length: once silently wrong logits, now refused."""
     model = llama()
     ids = torch.randint(1, VOCAB, (1, 9))
-    with pytest.raises(ValueError, match="fixed-size cache .* use past_key_values=GlobalAttentionCache"):
+    with pytest.raises(ValueError, match="fixed-size cache .* pass a GlobalAttentionCache"):
         if how == "generate":
             model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
         else:  # its query offset is a tensor once its first step has allocated it

@@ -124,7 +124,7 @@ def global_attention_mask(
     if isinstance(kwargs.get("q_offset"), torch.Tensor):
         raise ValueError(
             "global attention needs keys that end at the last query, and a fixed-size cache (StaticCache, "
-            "cache_implementation='static') pads them: use past_key_values=GlobalAttentionCache() (or DynamicCache)"
+            "cache_implementation='static') pads them: pass a GlobalAttentionCache() (or a DynamicCache) as the cache"
         )
     if attention_mask is None:
         return None
