@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from globalattn import checks, spec
+from globalattn import spec
 from globalattn.api import attention_weights, block_bounds, global_attention
 
 SEED_TEXT = "The quick brown fox jumps over the lazy dog near the riverbank in the sunny park."
@@ -225,11 +225,10 @@ def walk_through(
     if len(words) > MAX_WORDS:
         raise ValueError(f"the demo draws one row per word, at most {MAX_WORDS}; the text has {len(words)}")
     position = _find_token(words, token)
-    checks.positive_int("block_size", block_size)
+    remainder = spec.resolve_remainder(causal, None)
+    bounds = block_bounds(len(words), block_size, remainder=remainder)  # checks block_size
     if block_size > MAX_WORDS:  # past the longest text the demo draws, every b is one block of all words
         raise ValueError(f"block_size must be at most {MAX_WORDS} (the demo's longest text), got {block_size}")
-    remainder = spec.resolve_remainder(causal, None)
-    bounds = block_bounds(len(words), block_size, remainder=remainder)
     scopes = ("all",) if causal else ("all", "own")
     # Who may see what does not depend on the vectors: with all-zero queries every allowed cell gets
     # the same positive weight and every other cell exactly 0.  This also runs the library's checks

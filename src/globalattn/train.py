@@ -164,7 +164,7 @@ def train(
         if checkpoint is not None and not resume:
             raise ValueError(f"{out} already holds a checkpoint (step {checkpoint[0]}); pass --resume or another --out")
         if checkpoint is not None:
-            summary = _load_checkpoint(checkpoint[1], wrapped, optimizer, summary)
+            summary = _load_checkpoint(*checkpoint, wrapped, optimizer, summary)
 
     bar = _progress_bar(config.steps, summary["step"], enabled=progress and rank == 0)
     losses, tokens_per_step = [], config.batch * config.context
@@ -420,13 +420,13 @@ def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"cannot resume from {pointer}: its step must be a non-negative int, got {step!r}")
     # The folder its step names, inside checkpoints/: any other path could load another run's state.
-    if name != f"step-{step:08d}" or not (root / name).is_dir():
-        expected = f"step-{step:08d}"
+    expected = f"step-{step:08d}"
+    if name != expected or not (root / name).is_dir():
         raise ValueError(f"cannot resume from {pointer}: it must name the folder {expected} in {root}, got {name!r}")
     return step, root / name
 
 
-def _load_checkpoint(path: Path, model, optimizer, summary: dict) -> dict:
+def _load_checkpoint(step: int, path: Path, model, optimizer, summary: dict) -> dict:
     """Restore weights, optimizer state and RNG state; returns the saved summary (step, history).
 
     Everything is checked before anything is restored: a checkpoint with a missing or misshapen
@@ -445,8 +445,8 @@ def _load_checkpoint(path: Path, model, optimizer, summary: dict) -> dict:
         saved_step = saved["step"]
     except (KeyError, TypeError) as missing:
         raise ValueError(f"cannot resume from {path / 'state.json'}: it lacks {missing}") from None
-    if saved_step != int(path.name.removeprefix("step-")):  # latest.json checked the folder's name
-        raise ValueError(f"cannot resume from {path / 'state.json'}: step {saved_step!r} is not the folder's")
+    if saved_step != step:
+        raise ValueError(f"cannot resume from {path / 'state.json'}: step {saved_step!r}, latest.json says {step}")
     if saved["config"] != summary["config"]:
         fields = saved["config"].keys() | summary["config"].keys()  # a field added since it was saved counts too
         changed = sorted(k for k in fields if saved["config"].get(k) != summary["config"].get(k))

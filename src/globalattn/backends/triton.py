@@ -488,9 +488,11 @@ def _with_gradient_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x and an empty buffer for its gradient, with the same strides: the kernels read the one and
     write the other through one set of strides.  ``empty_like`` keeps a dense layout (e.g. a
     (B, S, H, D) transpose) but not an expanded or sliced one (a fused-QKV view); those are copied."""
-    if torch.empty_like(x).stride() != x.stride():
+    grad = torch.empty_like(x)
+    if grad.stride() != x.stride():
         x = x.contiguous()
-    return x, torch.empty_like(x)
+        grad = torch.empty_like(x)  # not the first one's: empty_like may permute a non-dense layout
+    return x, grad
 
 
 def _static_args(query, value, key_keep, causal, scope_own) -> dict:
