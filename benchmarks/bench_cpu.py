@@ -5,10 +5,11 @@
 
 Float32, B=1, H=8, D=64, b=128 by default.  For each sequence length, bidirectional and causal,
 forward and forward+backward: the median time of both, the speed-up, and the useful FLOP rate
-(forward 4 * D * attended pairs per head, backward 2.5x forward, as flash-attention counts).
-Then the extra peak memory of forward+backward, measured in a fresh process per point (peak RSS
-after minus before the call).  A correctness gate runs first: no speed is reported for a wrong
-result.  A baseline that cannot run (too long) records nan.  Writes benchmarks/results/cpu.json.
+(``globalattn.cost``: forward 4 * D per attended pair and head, backward 2.5x forward, as
+flash-attention counts).  Then the extra peak memory of forward+backward, measured in a fresh
+process per point (peak RSS after minus before the call).  A correctness gate runs first: no speed
+is reported for a wrong result.  A baseline that cannot run (too long) records nan.  Writes
+benchmarks/results/cpu.json (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from globalattn import global_attention, spec
+import common
+from globalattn import cost, global_attention
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +52,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     _correctness_gate(args)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = common.machine()
     print(f"machine: {machine}; torch threads: {torch.get_num_threads()}\n")
 
     timings = []
@@ -79,10 +78,9 @@ def main() -> None:
             memory.append({"seq": seq, "impl": impl, "extra_peak_bytes": extra})
             print(f"{seq:>6} {impl:>7} | {extra / 2**20:>31.1f} {extra / 2**20 / (seq / 1024):>17.2f}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in ("heads", "head_dim", "block_size")}
     report = {"machine": machine, "dtype": "float32", "batch": 1, **config, "timings": timings, "memory": memory}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 
@@ -105,13 +103,13 @@ def _correctness_gate(args) -> None:
     """Blocked against the dense reference backend, forward and backward, before any timing."""
     seq = 1000  # not a multiple of the block size on purpose
     for causal in (False, True):
-        q, k, v = _inputs(args, seq, requires_grad=True)
-        grad_out = torch.randn_like(q)
-        results = []
-        for backend in ("torch", "reference"):
-            out = global_attention(q, k, v, args.block_size, causal=causal, backend=backend)
-            results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
-        errors = [(a - b).abs().max().item() for a, b in zip(*results)]
+        inputs = [torch.randn(1, args.heads, seq, args.head_dim) for _ in range(4)]  # q, k, v, upstream gradient
+        options = dict(block_size=args.block_size, causal=causal)
+        blocked, reference = (
+            common.output_and_grads(partial(global_attention, **options, backend=backend), *inputs)
+            for backend in ("torch", "reference")
+        )
+        errors = common.max_abs_errors(blocked, reference)
         if max(errors) > 1e-4:
             sys.exit(f"correctness gate failed (causal={causal}): max errors out/dq/dk/dv = {errors}")
     print("correctness gate: blocked == reference (forward and backward, bidirectional and causal)")
@@ -120,13 +118,12 @@ def _correctness_gate(args) -> None:
 def _time_point(args, seq, causal, which) -> dict:
     q, k, v = _inputs(args, seq, requires_grad=which == "fwd+bwd")
     grad_out = torch.randn_like(q) if which == "fwd+bwd" else None
-    local, glob = spec.attended_pairs(seq, args.block_size, causal=causal, remainder="separate" if causal else "merge")
-    factor = 3.5 if which == "fwd+bwd" else 1.0  # backward = 2.5x forward
-    flops = 4 * args.heads * args.head_dim * (local + glob) * factor
+    pairs = cost.attended_pairs(seq, args.block_size, causal=causal)
+    flops = cost.attention_flops(pairs, args.head_dim, heads=args.heads, passes=which)
     calls = {impl: (lambda impl=impl: _run(impl, args, q, k, v, causal, grad_out)) for impl in ("global", "dense")}
     if seq > args.dense_max:
         del calls["dense"]
-    seconds = _paired_medians(calls)
+    seconds = common.median_seconds(calls, reps=7, budget_s=30.0)
     global_s, dense_s = seconds["global"], seconds.get("dense", math.nan)
     return {
         "seq": seq,
@@ -138,24 +135,6 @@ def _time_point(args, seq, causal, which) -> dict:
         "useful_flops": flops,
         "global_gflops": flops / global_s / 1e9,
     }
-
-
-def _paired_medians(calls: dict, budget_s: float = 30.0, max_reps: int = 7) -> dict:
-    """Median seconds of each call, after one warm-up each.  The calls take turns, so that a burst of
-    load from elsewhere on a shared machine hits all of them alike; fewer turns for long calls."""
-    first = {name: _seconds(fn) for name, fn in calls.items()}
-    reps = max(1, min(max_reps, int(budget_s / sum(first.values()))))
-    times = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, fn in calls.items():
-            times[name].append(_seconds(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _measure_in_subprocess(args, impl, seq) -> int:

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+import common
 from globalattn.integrations.transformers import GlobalAttentionCache, register
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,7 +66,7 @@ def main() -> None:
     model = _model(args.block_size, max(contexts) + args.steps + 8, device)
     model.set_attn_implementation(name)
     _correctness_gate(model, args.block_size, device)
-    machine = _machine(device)
+    machine = common.machine(device, modules=(torch, transformers), threads=True)
     print(f"machine: {machine}\n")
 
     header = (
@@ -121,8 +120,7 @@ def main() -> None:
         "model": config,
         "rows": rows,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out_path, report)
     print(f"\nwrote {out_path}")
 
 
@@ -170,15 +168,15 @@ def _decode_seconds(model, cache, args, device) -> float:
     # seconds (memory being reclaimed, or the host throttling): let the machine settle first.
     time.sleep(args.settle)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    rounds = [[] for _ in range(args.rounds)]
-    for step in range(2 + args.rounds * args.steps):
-        _sync(device)
-        start = time.perf_counter()
+
+    def step() -> None:
+        nonlocal token
         logits = model(input_ids=token, use_cache=True, **_cache_kwargs(model, cache)).logits
         token = logits[:, -1:].argmax(-1)
-        _sync(device)
-        if step >= 2:
-            rounds[(step - 2) // args.steps].append(time.perf_counter() - start)
+
+    for _ in range(2):  # untimed warm-up steps
+        step()
+    rounds = [[common.seconds(step, device) for _ in range(args.steps)] for _ in range(args.rounds)]
     return min(statistics.median(times) for times in rounds)
 
 
@@ -209,19 +207,6 @@ def _correctness_gate(model, block_size: int, device) -> None:
     if error > 1e-3:
         sys.exit(f"correctness gate failed: cached decoding differs from the whole sequence by {error:.3g}")
     print(f"correctness gate: prefill + {length - prompt} decode steps == whole sequence (max |diff| {error:.1e})")
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _machine(device) -> str:
-    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {versions}"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {versions}"
 
 
 if __name__ == "__main__":

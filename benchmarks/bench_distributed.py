@@ -33,20 +33,21 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import common
 import globalattn.distributed as cp
-from globalattn import global_attention, spec
+from globalattn import cost, global_attention, spec
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,7 +96,7 @@ def _spawned_rank(rank: int, world: int, args, scratch: str, result: Path) -> No
     torch.set_num_threads(1)  # the ranks share this machine's cores
     rows = _run_rank(args, rank, world, store=f"file://{scratch}/store")
     if rows is not None:
-        result.write_text(json.dumps(rows))
+        common.write_json(result, rows)
 
 
 def _run_rank(args, rank: int, world: int, store: str | None) -> list[dict] | None:
@@ -122,18 +123,15 @@ def _correctness_gate(args, rank: int, world: int, device) -> None:
     block, dtype = 16, torch.float64 if device.type == "cpu" else torch.float32
     seq = 3 * world * block + 5
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (
-        torch.randn(1, h, seq, 16, generator=generator, dtype=dtype).to(device).requires_grad_() for h in (4, 2, 2)
-    )
-    grad_out = torch.randn(1, 4, seq, 16, generator=generator, dtype=dtype).to(device)
-    exact = global_attention(q, k, v, block)
-    exact_grads = torch.autograd.grad(exact, (q, k, v), grad_out)
-    mine = cp.shard_range(seq, block, rank, world)
-    shard = slice(mine.start, mine.stop)
-    parts = [x.detach()[:, :, shard].clone().requires_grad_() for x in (q, k, v)]
-    out = cp.context_parallel_attention(*parts, block)
-    grads = torch.autograd.grad(out, parts, grad_out[:, :, shard])
-    error = max((a - b[:, :, shard]).abs().max().item() for a, b in zip((out, *grads), (exact, *exact_grads)))
+    q, k, v, grad_out = (
+        torch.randn(1, h, seq, 16, generator=generator, dtype=dtype).to(device) for h in (4, 2, 2, 4)
+    )  # grouped-query: 4 query heads over 2 key/value heads
+    exact = common.output_and_grads(partial(global_attention, block_size=block), q, k, v, grad_out)
+    own = cp.shard_range(seq, block, rank, world)
+    shard = slice(own.start, own.stop)
+    parts = [x[:, :, shard] for x in (q, k, v, grad_out)]
+    context_parallel = common.output_and_grads(partial(cp.context_parallel_attention, block_size=block), *parts)
+    error = max(common.max_abs_errors(context_parallel, [x[:, :, shard] for x in exact]))
     errors = [0.0] * world
     dist.all_gather_object(errors, error)
     if max(errors) > (1e-10 if dtype == torch.float64 else 1e-4):
@@ -165,7 +163,8 @@ def _measure(args, meter, rank: int, world: int, seq: int, device) -> dict:
     single_s = math.nan
     if rank == 0 and seq <= args.single_max:
         whole = [torch.randn(s[:2] + (seq,) + s[3:], device=device, dtype=dtype, requires_grad=True) for s in shapes]
-        single_s = _median_seconds(lambda: global_attention(*whole, block).backward(torch.randn_like(whole[0])), device)
+        step_whole = {"single": lambda: global_attention(*whole, block).backward(torch.randn_like(whole[0]))}
+        single_s = common.median_seconds(step_whole, device, reps=3)["single"]
     dist.barrier()
     return {
         "world": world,
@@ -212,27 +211,9 @@ def _time_steps(meter, fn, reps: int, device) -> tuple[float, float, int]:
     for _ in range(reps):
         dist.barrier()
         meter.reset()
-        steps.append(_seconds(fn, device))
+        steps.append(common.seconds(fn, device))
         comms.append(meter.seconds)
     return statistics.median(steps), statistics.median(comms), meter.sent_bytes
-
-
-def _median_seconds(fn, device, reps: int = 3) -> float:
-    fn()  # warm-up
-    return statistics.median(_seconds(fn, device) for _ in range(reps))
-
-
-def _seconds(fn, device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Meter:
@@ -251,14 +232,14 @@ class _Meter:
             self.sent_bytes += (world - 1) * size if kind == "all-gather" else (world - 1) * size // world
             start = time.perf_counter()
             collective(output, input, **options)
-            _synchronize(self.device)
+            common.sync(self.device)
             self.seconds += time.perf_counter() - start
 
         return measured
 
 
 def _report(args, rows: list[dict]) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = common.machine()
     load = os.getloadavg()[1]  # the cores may be shared: the 5-minute load says how busy they were
     print(f"\nmachine: {machine}, load average {load:.1f} over the last 5 minutes")
     print(f"B=1 H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, bidirectional, times per layer")
@@ -276,9 +257,8 @@ def _report(args, rows: list[dict]) -> None:
             f"{row['ring_comm_ms']:>8.2f}"
         )
     config = dict(batch=1, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "load_average_5min": load, **config, "rows": rows}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 
@@ -330,8 +310,9 @@ def scaling_row(seq: int, world: int, block: int, m: dict = MODEL) -> dict:
 
 
 def model_block_size(seq: int, world: int) -> int:
-    """The power of two nearest above sqrt(S) (the FLOP optimum), at most one block per GPU's shard."""
-    return min(1 << math.ceil(math.log2(math.sqrt(seq))), 1 << int(math.log2(seq // world)))
+    """The power of two with the fewest attended pairs (b ~ sqrt(S)), at most one GPU's shard; at a
+    tie the larger, which sends half as many global tokens for the same FLOPs."""
+    return cost.best_block_size(seq, candidates=cost.powers_of_two(seq // world), larger_at_tie=True)
 
 
 def print_scaling_model() -> None:

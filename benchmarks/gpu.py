@@ -12,7 +12,8 @@ then commit the JSON it names (``$OUT/gpu-<gpu>.json``) as ``benchmarks/results/
     python benchmarks/gpu.py --smoke --out /tmp/gpu-smoke.json   # the whole pipeline on the CPU, tiny sizes
 
 Defaults: bf16, B=1, H=16, D=128; S = 4k, 16k, 64k, 128k at b=128 (the targets' grid), then b ~ sqrt(S)
-(the multiple of 64 nearest it; --all-blocks: b in 64, 128, 256 and ~sqrt(S)).  In this order:
+(the multiple of 64 with the fewest attended pairs; --all-blocks: b in 64, 128, 256 and ~sqrt(S)).
+In this order:
 
 1. the bf16 matrix product rate (8192^3), the ceiling the forward's "% of matmul rate" is read against;
 2. a correctness gate: each of our backends at S=1000 (an uneven last block) against backend="reference",
@@ -30,9 +31,9 @@ Defaults: bf16, B=1, H=16, D=128; S = 4k, 16k, 64k, 128k at b=128 (the targets' 
    kept forward graph again and again; "fwd+bwd" both.  A contender that raises is recorded as skipped
    with the reason, and the run goes on.
 
-Useful FLOPs: ours 4 * D per attended (query, key or global token) pair per head forward, the pairs of
-globalattn.spec.attended_pairs; dense 4 * D * S^2 (causal S(S+1)/2); backward 2.5x forward, as
-flash-attention counts.  The JSON (written after every measurement, so that a run cut short keeps
+Useful FLOPs (globalattn.cost): ours 4 * D per attended (query, key or global token) pair per head
+forward, the pairs of cost.attended_pairs; dense 4 * D * S^2 (causal S(S+1)/2); backward 2.5x forward,
+as flash-attention counts.  The JSON (written after every measurement, so that a run cut short keeps
 its rows) holds the GPU, versions, config, matmul rate, gate, every row and the issue's targets;
 the tables and the targets are printed last.  Without CUDA (and without --smoke) it exits with one
 line and code 2.
@@ -42,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -52,16 +51,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import common
+
 try:
-    from globalattn import global_attention, spec
+    from globalattn import cost, global_attention
 except ImportError:  # run from a checkout that is not installed: python3 benchmarks/gpu.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from globalattn import global_attention, spec
+    from globalattn import cost, global_attention
 
 PROG = "benchmarks/gpu.py"
 RESULTS = Path(__file__).parent / "results"
@@ -74,7 +76,6 @@ CONTENDERS = ("sdpa-flash", "sdpa-cudnn", "torch", "flex", "triton")
 SMOKE_CONTENDERS = ("sdpa-math", "sdpa-flash", "sdpa-cudnn", "torch")  # those that run on a CPU, and one that raises
 MODES = ("bidir", "causal")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # backward = 2.5x forward
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGET_SEQS = (16384, 65536, 131072)
 TARGET_SPEEDUP = 1.5  # triton over flex, fwd and fwd+bwd, both modes
@@ -163,8 +164,9 @@ def _positive(text: str) -> int:
 
 
 def sqrt_block(seq: int) -> int:
-    """The multiple of 64 nearest sqrt(S), at least 64: where b + S/b, the keys per query, is smallest."""
-    return max(64, 64 * round(math.sqrt(seq) / 64))
+    """The multiple of 64 (a whole number of tiles) with the fewest attended pairs: ~sqrt(S), where
+    b + S/b, the keys per query, is smallest."""
+    return cost.best_block_size(seq, candidates=cost.multiples_of(64, seq))
 
 
 def plan(args) -> list[tuple[int, int]]:
@@ -202,11 +204,8 @@ def contender(name: str, block: int | None, causal: bool) -> Callable:
 
 
 def useful_flops(name: str, seq: int, block: int, causal: bool, which: str, batch_heads: int, head_dim: int) -> float:
-    if name in DENSE:
-        pairs = seq * (seq + 1) // 2 if causal else seq * seq
-    else:
-        pairs = sum(spec.attended_pairs(seq, block, causal=causal, remainder="separate" if causal else "merge"))
-    return 4.0 * head_dim * batch_heads * pairs * PASS_FLOPS[which]
+    pairs = cost.attended_pairs(seq, None if name in DENSE else block, causal=causal)
+    return cost.attention_flops(pairs, head_dim, heads=batch_heads, passes=which)
 
 
 def pass_call(fn: Callable, which: str, q, k, v, grad_out) -> Callable[[], None]:
@@ -233,7 +232,7 @@ class Timer:
     one call at a time for long ones (or when triton is missing), perf_counter on a CPU."""
 
     def __init__(self, device: torch.device, warmup_ms: float, rep_ms: float):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
         self.do_bench = None
         if self.cuda:
@@ -245,17 +244,14 @@ class Timer:
                 pass
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        common.sync(self.device)
 
     def once(self, call, grads=()) -> tuple[float, int | None]:
         """One call: its milliseconds, and on CUDA the peak bytes it allocated beyond those already held."""
         for x in grads:
             x.grad = None
         if not self.cuda:
-            start = time.perf_counter()
-            call()
-            return (time.perf_counter() - start) * 1e3, None
+            return common.seconds(call) * 1e3, None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -312,7 +308,7 @@ class Bench:
             self.out = args.out / default_name if args.out.is_dir() else args.out
         self.report = {
             "gpu": gpu,
-            "device": _device_info(device),
+            "device": common.device_info(device),
             "versions": _versions(),
             "argv": args.argv,
             "config": {
@@ -337,7 +333,7 @@ class Bench:
                 "budget_s": args.budget_s,
                 "timer": "do_bench median below do_bench_below_ms, else CUDA events (perf_counter on a CPU)",
                 "do_bench_below_ms": DO_BENCH_BELOW_MS,
-                "flops": "ours: 4*D*attended pairs per head (spec.attended_pairs); dense: 4*D*S^2 (causal "
+                "flops": "ours: 4*D*attended pairs per head (cost.attended_pairs); dense: 4*D*S^2 (causal "
                 "S(S+1)/2); backward 2.5x forward",
                 "memory": "extra_peak_bytes: torch.cuda.max_memory_allocated during one call minus the bytes "
                 "allocated before it (inputs, and for bwd the kept forward graph, excluded)",
@@ -548,10 +544,7 @@ class Bench:
     def save(self) -> None:
         """The report so far, replacing the file whole (a run killed mid-write keeps the last one)."""
         self.report["elapsed_s"] = time.perf_counter() - self.start
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.out.with_name(self.out.name + ".partial")
-        partial.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
-        os.replace(partial, self.out)
+        common.write_json(self.out, self.report, indent=1)
 
 
 class _DeviceBroken(RuntimeError):
@@ -560,10 +553,8 @@ class _DeviceBroken(RuntimeError):
 
 def _forward_backward(backend: str, tensors, block: int, causal: bool, dtype) -> list[torch.Tensor]:
     """out, dq, dk, dv of one backend at ``dtype`` (as float32), for a given upstream gradient."""
-    q, k, v, grad_out = (t.detach().to(dtype) for t in tensors)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = global_attention(q, k, v, block, causal=causal, backend=backend)
-    return [t.detach().float() for t in (out, *torch.autograd.grad(out, (q, k, v), grad_out))]
+    attention = partial(global_attention, block_size=block, causal=causal, backend=backend)
+    return [t.float() for t in common.output_and_grads(attention, *tensors, dtype=dtype)]
 
 
 def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -583,19 +574,6 @@ def _raise_recompile_limit(limit: int = 64) -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
-
-
-def _device_info(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"type": "cpu", "processor": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    props = torch.cuda.get_device_properties(device)
-    return {
-        "type": "cuda",
-        "name": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "multiprocessors": props.multi_processor_count,
-        "memory_bytes": props.total_memory,
-    }
 
 
 def _versions() -> dict:

@@ -14,9 +14,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
 def _load():
-    module_spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    """The script as a module.  Its folder goes on sys.path while it loads, as when it runs as a script
+    (it imports ``common``, the benchmarks' shared helpers)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        module_spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 

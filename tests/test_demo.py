@@ -12,8 +12,6 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from globalattn import attention_weights, demo, viz
 
@@ -132,30 +130,6 @@ def test_default_token_without_fox(random_vectors):
 def test_refused_input(random_vectors, options, message):
     with pytest.raises(ValueError, match=message):
         demo.walk_through(**options)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    seq_len=st.integers(1, 40),
-    block_size=st.integers(1, 12),
-    causal=st.booleans(),
-    own=st.booleans(),
-)
-def test_count_scores_is_what_the_library_attends(seq_len, block_size, causal, own):
-    scope = "own" if own and not causal else "all"
-    zeros = torch.zeros(1, 1, seq_len, 1)  # all-zero queries: every allowed cell gets a positive weight
-    attended = int((attention_weights(zeros, zeros, block_size, causal=causal, scope=scope) > 0).sum())
-    assert demo.count_scores(seq_len, block_size, causal=causal, scope=scope) == attended
-    dense = torch.ones(seq_len, seq_len).tril() if causal else torch.ones(seq_len, seq_len)
-    assert demo.count_scores(seq_len, None, causal=causal) == int(dense.sum())
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq_len", [1, 7, 16, 100, 1024])
-def test_best_block_size_is_the_cheapest(seq_len, causal):
-    best = demo.best_block_size(seq_len, causal=causal)
-    cheapest = min(demo.count_scores(seq_len, b, causal=causal) for b in range(1, seq_len + 1))
-    assert demo.count_scores(seq_len, best, causal=causal) == cheapest
 
 
 def test_terminal_shading(seed_result):

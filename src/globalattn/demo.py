@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from globalattn import spec
+from globalattn import cost, spec
 from globalattn.api import attention_weights, block_bounds, global_attention
 
 SEED_TEXT = "The quick brown fox jumps over the lazy dog near the riverbank in the sunny park."
@@ -163,37 +163,21 @@ def _check_layer_and_head(layer: int, head: int, num_layers: int, num_heads: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost: how many query-key scores one head computes (SPEC "Who attends to what", no padding).
-
-
-def count_scores(seq_len: int, block_size: int | None, *, causal: bool = False, scope: str = "all") -> int:
-    """Scores one attention head computes over ``seq_len`` tokens; ``block_size=None`` is dense attention."""
-    if block_size is None:
-        return seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
-    remainder = spec.resolve_remainder(causal, None)
-    local, every_global = spec.attended_pairs(seq_len, block_size, causal=causal, remainder=remainder)
-    return local + (seq_len if scope == "own" else every_global)  # "own": one global token per query
-
-
-def best_block_size(seq_len: int, *, causal: bool = False) -> int:
-    """The block size with the fewest scores (``scope="all"``); near sqrt(seq_len), where it costs ~ S^1.5."""
-    root = math.isqrt(seq_len)
-    candidates = range(max(1, root // 2), 2 * root + 2)  # about b + S / b scores per token: smallest near sqrt(S)
-    return min(candidates, key=lambda b: count_scores(seq_len, b, causal=causal))
+# Cost: how many query-key scores one head computes (docs/semantics.md, "Who attends to what"; no padding).
 
 
 def _cost(seq_len: int, block_size: int, head_dim: int, causal: bool, scope: str) -> dict:
-    """Forward cost of one head: 2 multiply-adds per score and head dimension (Q K^T, then weights x V);
-    memory of the weights as if stored in float32 (fused kernels keep O(S) of it at a time)."""
-    dense = count_scores(seq_len, None, causal=causal)
-    ours = count_scores(seq_len, block_size, causal=causal, scope=scope)
+    """Forward cost of one head (``cost.attention_flops``: 2 multiply-adds per score and head
+    dimension); memory of the weights as if stored in float32 (fused kernels keep O(S) of it at a time)."""
+    dense = cost.attended_pairs(seq_len, None, causal=causal)
+    ours = cost.attended_pairs(seq_len, block_size, causal=causal, scope=scope)
     return dict(
         tokens=seq_len,
         block_size=block_size,
         scores_dense=dense,
         scores_global=ours,
-        flops_dense=4 * head_dim * dense,
-        flops_global=4 * head_dim * ours,
+        flops_dense=int(cost.attention_flops(dense, head_dim)),  # an int, as the table and the JSON show it
+        flops_global=int(cost.attention_flops(ours, head_dim)),
         weight_bytes_dense=4 * dense,
         weight_bytes_global=4 * ours,
     )
@@ -254,7 +238,7 @@ def walk_through(
     columns = words + [f"G{j + 1}" for j in range(len(bounds))]
     block_of_token = next(j for j, (start, end) in enumerate(bounds) if start <= position < end)
     head_dim = q.shape[-1]
-    best = {n: best_block_size(n, causal=causal) for n in LONG_SEQUENCES}
+    best = {n: cost.best_block_size(n, causal=causal) for n in LONG_SEQUENCES}
     return dict(
         text=text,
         words=words,
