@@ -1,7 +1,9 @@
-"""The ``globalattn`` command: ``demo``'s output, its JSON, and its refusals (one line, exit code 2)."""
+"""The ``globalattn`` command: ``demo``'s output, its JSON, and its refusals (one line, exit code 2);
+``train``'s options built from the config dataclasses; every --help without torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +12,9 @@ import pytest
 import torch
 
 from globalattn import attention_weights, demo
-from globalattn.cli import main
+from globalattn.cli import build_parser, main
+from globalattn.harness.config import ModelConfig, TrainConfig
+from globalattn.harness.tasks import TASKS
 
 
 @pytest.fixture(autouse=True)
@@ -134,3 +138,45 @@ def test_train_and_compare_refuse_in_one_line(capsys, arguments, message):
 def test_an_unknown_flag_is_named_on_stderr(capsys):
     assert main(["--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_train_takes_its_options_and_defaults_from_the_configs(capsys):
+    argv = ["train", "--task", "mqar", "--attention", "dense", "--context", "64", "--layers", "3"]
+    args = build_parser().parse_args(argv)
+    assert (args.n_layer, args.n_head, args.d_model, args.block_size) == (
+        3,
+        ModelConfig.n_head,
+        ModelConfig.d_model,
+        None,
+    )
+    assert (args.steps, args.batch, args.lr, args.precision) == (
+        TrainConfig.steps,
+        TrainConfig.batch,
+        TrainConfig.lr,
+        TrainConfig.precision,
+    )
+    assert main(["train", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"--layers N transformer blocks (default: {ModelConfig.n_layer})" in shown
+    assert f"--steps STEPS optimizer steps (default: {TrainConfig.steps})" in shown
+    assert "--precision {fp32,bf16}" in shown
+    task_help = dataclasses.fields(TrainConfig)[0].metadata["help"]
+    assert all(name in task_help for name in TASKS), task_help  # the task list in --task's help is whole
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"], ["train"], ["compare"]], ids=["globalattn", "demo", "train", "compare"])
+def test_help_imports_no_torch(argv):
+    """Every --help stays fast: building the parsers imports neither torch, nor the demo, nor the
+    harness's training code."""
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "globalattn", *argv, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("usage: globalattn"), run.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "globalattn.cli" in imported  # the report holds the command's own imports
+    heavy = {"globalattn.demo", "globalattn.harness.train", "globalattn.harness.tasks"}
+    unwanted = sorted(m for m in imported if m.split(".")[0] == "torch" or m in heavy)
+    assert not unwanted, f"{len(unwanted)} unwanted imports, e.g. {unwanted[:3]}"

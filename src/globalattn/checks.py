@@ -1,4 +1,5 @@
-"""Argument checks shared by the public entry points (api, layer, cache, distributed).
+"""Argument checks shared by every public entry point (api, layer, cache, distributed, the
+transformers integration, the training harness).
 
 Each raises a ValueError that names the argument and says what would be valid, so that every
 refusal in the library reads the same.
@@ -19,9 +20,15 @@ def describe(x) -> str:
     return f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def positive_int(name: str, x) -> None:
+def positive_int(name: str, x, where: str = "") -> None:
+    """``where``: where the value came from, for the message (e.g. " (from config.block_size)")."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise ValueError(f"{name} must be a positive int, got {x!r}")
+        raise ValueError(f"{name} must be a positive int, got {x!r}{where}")
+
+
+def positive_number(name: str, x) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0 or not math.isfinite(x):
+        raise ValueError(f"{name} must be a positive number, got {x!r}")
 
 
 def non_negative_int(name: str, x, meaning: str = "") -> None:
@@ -45,6 +52,29 @@ def probability(name: str, x) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {x!r}")
 
 
+def tensor(name: str, x, *, dims: int = 4, layout: str = "(B, H, seq, head_dim)", like=None, like_name="query") -> None:
+    """A floating-point tensor of ``dims`` dimensions (``layout`` names them), with the dtype and
+    device of ``like`` (called ``like_name`` in the message) when given."""
+    if not isinstance(x, torch.Tensor) or x.dim() != dims or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of shape {layout}, got {describe(x)}")
+    if like is not None and x.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but {like_name} has {like.dtype}; they must match")
+    if like is not None and x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}; they must match")
+
+
+def bool_mask(
+    name: str, mask, shape: tuple, device, *, layout: str = "(B, S)", meaning: str = "True = real token"
+) -> None:
+    """A bool tensor of exactly ``shape`` on ``device`` (nothing is broadcast)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must be a bool tensor of shape {layout} = {tuple(shape)} ({meaning}), got {describe(mask)}"
+        )
+    if mask.device != torch.device(device):
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}; they must match")
+
+
 # The largest |scale| accepted.  Scores are float32 in every backend but the float64 one, and a
 # scale near float32's range (3.4e38) turns them into inf and the softmax into NaN.  1e6 (a
 # temperature of 1e-6, far past any argmax-like use) keeps the scores of inputs of ordinary
@@ -64,7 +94,7 @@ def scale(x, head_dim: int) -> float:
 
 
 def mode(causal, scope: str = "all", remainder: str | None = None) -> None:
-    """causal, scope and remainder, each valid and not contradicting the others (SPEC.md)."""
+    """causal, scope and remainder, each valid and not contradicting the others (docs/semantics.md, "Blocks")."""
     boolean("causal", causal)
     choice("scope", scope, spec.SCOPES)
     if remainder is not None:

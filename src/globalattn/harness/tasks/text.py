@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from globalattn.tasks.base import Task
+from globalattn.harness.tasks.base import Task
 
 STDLIB_MODULES = (
     "argparse.py",

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from globalattn.tasks.base import IGNORE, Task
+from globalattn import checks
+from globalattn.harness.tasks.base import IGNORE, Task
 
 
 class MQAR(Task):
@@ -26,9 +27,8 @@ class MQAR(Task):
 
     def __init__(self, context: int, seed: int = 0, *, vocab_size: int = 256, num_pairs: int = 16, power_a=0.01):
         super().__init__(context, seed)
-        for option, value in (("num_pairs", num_pairs), ("vocab_size", vocab_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"mqar option {option} must be a positive int, got {value!r}")
+        checks.positive_int("mqar option num_pairs", num_pairs)
+        checks.positive_int("mqar option vocab_size", vocab_size)
         if context % 2 or 4 * num_pairs > context:
             raise ValueError(f"mqar needs an even context of at least 4 * num_pairs = {4 * num_pairs}, got {context}")
         if vocab_size // 2 - 1 < num_pairs:

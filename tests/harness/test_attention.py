@@ -1,5 +1,5 @@
-"""The harness's models: every attention variant against a brute-force float64 masked softmax
-written from SPEC.md, key counts, causality, equal parameters, and refusals."""
+"""The harness's attention variants against a brute-force float64 masked softmax written from
+docs/semantics.md, their key counts, the default block size and window, and refusals."""
 
 from __future__ import annotations
 
@@ -8,15 +8,21 @@ import math
 import pytest
 import torch
 
-from globalattn.models import DecoderLM, EncoderClassifier, ModelConfig, build_model, keys_per_token, make_attention
-from globalattn.models.attention import default_block_size, matched_window
+from globalattn.harness.attention import (
+    keys_per_token,
+    make_attention,
+    make_context_parallel_attention,
+    matched_window,
+    resolved_block_size,
+    resolved_window,
+)
+from globalattn.harness.config import ATTENTIONS, ModelConfig
 
-CAUSAL_NAMES = ["dense", "global", "global-top2", "local", "sliding"]
-BIDIRECTIONAL_NAMES = ["dense", "global", "global-own", "global-top1", "local", "sliding"]
+NAMES = [*ATTENTIONS, "global-top1", "global-top2"]
 
 
 def brute_force(name, q, k, v, *, causal, block_size, window):
-    """SPEC.md and the variants' definitions, spelled out: an allowed mask over [T keys ; G global
+    """docs/semantics.md and the variants' definitions, spelled out: an allowed mask over [T keys ; G global
     tokens] per (batch, head, query), one float64 softmax.  Returns (out, allowed count per query)."""
     batch, heads, seq_len, _ = q.shape
     starts = list(range(0, seq_len, block_size))
@@ -66,7 +72,7 @@ def random_qkv(seq_len, batch=2, heads=3, head_dim=8):
     [(32, 8, 9), (37, 6, 10), (20, 4, 1), (13, 16, 13)],
     ids=["T32-b8-w9", "T37-b6-w10", "T20-b4-w1", "T13-b16-w13"],
 )
-@pytest.mark.parametrize("name", sorted(set(CAUSAL_NAMES + BIDIRECTIONAL_NAMES)))
+@pytest.mark.parametrize("name", NAMES)
 def test_variant_matches_brute_force_and_counts_its_keys(name, causal, seq_len, block_size, window):
     if name == "global-own" and causal:
         pytest.skip("global-own is bidirectional only")
@@ -95,77 +101,27 @@ def test_local_and_sliding_gradients_match_brute_force(name):
 
 def test_sliding_window_is_matched_to_global_cost():
     for context in (256, 512, 1024):
-        b = default_block_size(context)
         for causal in (True, False):
-            w = matched_window(context, b, causal=causal)
+            config = ModelConfig(context=context, attention="sliding", causal=causal)
+            b, w = resolved_block_size(config), resolved_window(config)
+            assert w == matched_window(context, b, causal=causal)
             glob = keys_per_token("global", context, causal=causal, block_size=b, window=w).sum()
             slide = keys_per_token("sliding", context, causal=causal, block_size=b, window=w).sum()
             assert abs(int(slide - glob)) <= context, (context, causal, w)
             for other in (w - 1, w + 1):  # and no other window comes closer
                 pairs = keys_per_token("sliding", context, causal=causal, block_size=b, window=other).sum()
                 assert abs(int(pairs - glob)) >= abs(int(slide - glob))
-    assert [default_block_size(t) for t in (1, 64, 256, 512, 1000, 1024, 2048, 4096)] == [1, 8, 16, 16, 32, 32, 32, 64]
 
 
-@pytest.mark.parametrize("name", CAUSAL_NAMES)
-def test_decoder_is_causal(name):
-    """Changing token t changes no logit before t."""
-    config = ModelConfig(vocab_size=50, context=48, attention=name, d_model=32, n_head=2, block_size=8, window=9)
-    model = DecoderLM(config).eval()
-    tokens = torch.randint(50, (2, 48))
-    changed = tokens.clone()
-    changed[:, 30] = (changed[:, 30] + 1) % 50
-    with torch.no_grad():
-        before, after = model(tokens), model(changed)
-    torch.testing.assert_close(before[:, :30], after[:, :30], rtol=0, atol=0)
-    assert not torch.allclose(before[:, 30:], after[:, 30:])
-
-
-def test_every_variant_has_the_same_parameters():
-    shapes = {}
-    for name in BIDIRECTIONAL_NAMES:
-        model = build_model(
-            ModelConfig(vocab_size=20, context=64, attention=name, causal=False, num_classes=10, d_model=32, n_head=2)
-        )
-        shapes[name] = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    assert all(s == shapes["dense"] for s in shapes.values())
-    lm = DecoderLM(ModelConfig(vocab_size=20, context=64, d_model=32, n_head=2))
-    assert not any("head" in n for n, _ in lm.named_parameters()), "the LM output is tied to the embedding"
-
-
-def test_encoder_pools_real_tokens_only():
-    config = ModelConfig(
-        vocab_size=20, context=32, attention="global", causal=False, num_classes=10, d_model=32, n_head=2
-    )
-    model = EncoderClassifier(config).eval()
-    tokens = torch.randint(1, 20, (3, 32))
-    real = torch.rand(3, 32) > 0.3
-    logits = model(tokens, real)
-    features = model.transformer(tokens)
-    for row in range(3):
-        pooled = features[row, real[row]].mean(0)
-        torch.testing.assert_close(logits[row], model.head(pooled))
-
-
-@pytest.mark.parametrize(
-    "changes,message",
-    [
-        (dict(attention="global-own"), "bidirectional only"),
-        (dict(attention="global-top0"), "attention must be one of"),
-        (dict(attention="bogus"), "attention must be one of"),
-        (dict(d_model=30, n_head=4), "even integer"),
-        (dict(block_size=0), "block_size"),
-        (dict(window=65), "window"),
-    ],
-)
-def test_bad_configs_are_refused(changes, message):
-    with pytest.raises(ValueError, match=message):
-        ModelConfig(**{"vocab_size": 20, "context": 64, **changes})
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_default_block_size_is_the_power_of_two_nearest_sqrt_context(causal):
+    contexts = (1, 64, 256, 512, 1000, 1024, 2048, 4096)
+    sizes = [resolved_block_size(ModelConfig(context=t, attention="global", causal=causal)) for t in contexts]
+    assert sizes == [1, 8, 16, 16, 32, 32, 32, 64]  # the smaller at a tie: 16 at T = 512
+    assert resolved_block_size(ModelConfig(context=512, attention="global", causal=causal, block_size=7)) == 7
 
 
 @pytest.mark.parametrize("name", ["dense", "local", "sliding", "global-top2"])
 def test_context_parallel_runs_only_the_global_attentions(name):
-    from globalattn.models.attention import make_context_parallel_attention
-
     with pytest.raises(ValueError, match="context parallelism runs the attentions global and global-own"):
         make_context_parallel_attention(name, causal=True, block_size=4, group=None)

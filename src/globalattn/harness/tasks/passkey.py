@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from globalattn.tasks.base import IGNORE, Task
+from globalattn.harness.tasks.base import IGNORE, Task
 
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = b"The pass key is %s. Remember it. %s is the pass key. "

@@ -8,10 +8,10 @@ import statistics
 import pytest
 import torch
 
-from globalattn.tasks import IGNORE, TASKS, make_task
-from globalattn.tasks.listops import OPERATORS, PAD, VOCAB
-from globalattn.tasks.passkey import DIGITS, accuracy_by_depth
-from globalattn.tasks.text import STDLIB_MODULES
+from globalattn.harness.tasks import IGNORE, TASKS, make_task
+from globalattn.harness.tasks.listops import OPERATORS, PAD, VOCAB
+from globalattn.harness.tasks.passkey import DIGITS, accuracy_by_depth
+from globalattn.harness.tasks.text import STDLIB_MODULES
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

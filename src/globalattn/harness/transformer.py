@@ -1,6 +1,6 @@
 """A small pre-norm transformer whose attention is chosen by name (see ``attention.py``).
 
-    config = ModelConfig(vocab_size=256, context=512, attention="global")
+    config = ModelConfig(context=512, attention="global", vocab_size=256, causal=True)
     lm = DecoderLM(config)                      # next-token logits (B, T, vocab), tied embeddings
     clf = EncoderClassifier(config.replace(causal=False, num_classes=10))   # (B, num_classes)
 
@@ -11,74 +11,36 @@ rotated keys (what the library computes from the keys it is given).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from globalattn import checks
-from globalattn.models.attention import (
-    check_name,
-    default_block_size,
+from globalattn import cost
+from globalattn.harness.attention import (
     keys_per_token,
     make_attention,
     make_context_parallel_attention,
-    matched_window,
+    resolved_block_size,
+    resolved_window,
 )
+from globalattn.harness.config import ModelConfig
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    context: int  # longest sequence (RoPE table; sets the default block size and window)
-    attention: str = "dense"
-    causal: bool = True
-    block_size: int | None = None  # None: a power of two near sqrt(context) (attention.default_block_size)
-    window: int | None = None  # sliding only; None: matched to global's attended-key count
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.0
-    num_classes: int | None = None  # EncoderClassifier only
-    rope_base: float = 10000.0
-
-    def __post_init__(self):
-        check_name(self.attention, causal=self.causal)
-        for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
-            checks.positive_int(name, getattr(self, name))
-        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model ({self.d_model}) / n_head ({self.n_head}) must be an even integer (RoPE pairs)")
-        for name in ("block_size", "window"):
-            if getattr(self, name) is not None and not 1 <= getattr(self, name) <= self.context:
-                raise ValueError(f"{name} must be between 1 and the context {self.context}, got {getattr(self, name)}")
-
-    @property
-    def resolved_block_size(self) -> int:
-        return self.block_size or default_block_size(self.context)
-
-    @property
-    def resolved_window(self) -> int:
-        return self.window or matched_window(self.context, self.resolved_block_size, causal=self.causal)
-
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    def attention_cost(self, seq_len: int | None = None) -> dict:
-        """Mean attended keys per token and forward attention FLOPs per sequence (SPEC.md's count:
-        4 * head_dim multiply-adds per query-key pair and head, all layers)."""
-        seq_len = seq_len or self.context
-        keys = keys_per_token(
-            self.attention,
-            seq_len,
-            causal=self.causal,
-            block_size=self.resolved_block_size,
-            window=self.resolved_window,
-        )
-        flops = 4 * int(keys.sum()) * self.d_model * self.n_layer
-        return {"keys_per_token": float(keys.double().mean()), "attention_flops": flops}
+def attention_cost(config: ModelConfig, seq_len: int | None = None) -> dict:
+    """Mean attended keys per token, and forward attention FLOPs per sequence over all layers
+    (``globalattn.cost.attention_flops``)."""
+    keys = keys_per_token(
+        config.attention,
+        seq_len or config.context,
+        causal=config.causal,
+        block_size=resolved_block_size(config),
+        window=resolved_window(config),
+    )
+    head_dim = config.d_model // config.n_head
+    flops = cost.attention_flops(int(keys.sum()), head_dim, heads=config.n_head) * config.n_layer
+    return {"keys_per_token": float(keys.double().mean()), "attention_flops": int(flops)}
 
 
 class RotaryEmbedding(nn.Module):
@@ -108,8 +70,8 @@ class SelfAttention(nn.Module):
         self.attend = make_attention(
             config.attention,
             causal=config.causal,
-            block_size=config.resolved_block_size,
-            window=config.resolved_window,
+            block_size=resolved_block_size(config),
+            window=resolved_window(config),
         )
         self.dropout = nn.Dropout(config.dropout)
         self.position_offset = 0  # context parallel: the first position of this rank's shard
@@ -153,6 +115,8 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.vocab_size is None or config.causal is None:
+            raise ValueError("a model needs vocab_size and causal (a TrainConfig's model gets them from its task)")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
@@ -220,7 +184,7 @@ def use_context_parallel(model: nn.Module, group, shard: range) -> None:
     the global tokens over ``group``."""
     config = model.config
     attend = make_context_parallel_attention(
-        config.attention, causal=config.causal, block_size=config.resolved_block_size, group=group
+        config.attention, causal=config.causal, block_size=resolved_block_size(config), group=group
     )
     for module in model.modules():
         if isinstance(module, SelfAttention):

@@ -1,14 +1,15 @@
-"""The attention variants the harness compares, chosen by name; all take and return (B, H, T, D).
+"""The attention variants the harness compares, chosen by name (``config.ATTENTIONS``); all take
+and return (B, H, T, D).
 
     dense          softmax over every key (causal: every earlier key): F.scaled_dot_product_attention
     global         this project: own block + every block's global token (causal: own block up to
                    the query + complete earlier blocks' global tokens)
     global-own     the seed's literal variant: own block + its own global token (bidirectional only)
     global-top{k}  global, and each query also reads the raw tokens of the k blocks whose global
-                   tokens score highest for it (``top_blocks=k``, SPEC.md's last section)
+                   tokens score highest for it (``top_blocks=k``, docs/semantics.md)
     local          the same blocks as global with no global tokens: the ablation
     sliding        a window of w keys around each query (causal: the w keys up to and including
-                   it); w is matched to global's attended-key count, so both cost the same FLOPs
+                   it); w is matched to global's attended pairs, so both cost the same FLOPs
 
 ``local`` and ``sliding`` are exact and cheap: the sequence is cut into tiles (blocks, or chunks of
 queries with the keys their windows reach) that run as one batched SDPA call with a small mask, so
@@ -17,49 +18,36 @@ memory is O(T * b) or O(T * w), never O(T^2).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from globalattn import spec
+from globalattn import cost, spec
 from globalattn.api import global_attention
-
-BASE_NAMES = ("dense", "global", "global-own", "local", "sliding")
-_TOP_BLOCKS = re.compile(r"global-top([1-9][0-9]*)")
+from globalattn.harness.config import ModelConfig, check_attention, top_blocks_of
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_name(name: str, *, causal: bool) -> None:
-    """Refuse an unknown name, or ``global-own`` on a causal task, with a ValueError."""
-    if name not in BASE_NAMES and not _TOP_BLOCKS.fullmatch(name):
-        raise ValueError(f"attention must be one of {', '.join(BASE_NAMES)} or global-top<k> (k >= 1), got {name!r}")
-    if name == "global-own" and causal:
-        raise ValueError(
-            "attention 'global-own' is bidirectional only (its own block's mean holds later tokens); "
-            "use it on a bidirectional task such as listops"
-        )
+def resolved_block_size(config: ModelConfig) -> int:
+    """``config.block_size``, or the power of two with the fewest attended pairs (b ~ sqrt(T); the
+    smaller one at a tie, T = 512: 16, not 32)."""
+    context = config.context
+    return config.block_size or cost.best_block_size(
+        context, causal=config.causal, candidates=cost.powers_of_two(context)
+    )
 
 
-def top_blocks_of(name: str) -> int:
-    """k of ``global-top{k}``, 0 for every other name."""
-    match = _TOP_BLOCKS.fullmatch(name)
-    return int(match.group(1)) if match else 0
-
-
-def default_block_size(context: int) -> int:
-    """The power of two b that minimises b + T/b, the keys each query scores (b ~ sqrt(T)); the
-    smaller one at a tie (T = 512: 16, not 32)."""
-    return min((2**i for i in range(context.bit_length() + 1)), key=lambda b: (b + context / b, b))
+def resolved_window(config: ModelConfig) -> int:
+    """``config.window``, or the window matched to global's attended pairs at its block size."""
+    return config.window or matched_window(config.context, resolved_block_size(config), causal=config.causal)
 
 
 def matched_window(context: int, block_size: int, *, causal: bool) -> int:
     """The sliding window w whose attended pairs over a full sequence come closest to global's."""
-    remainder = spec.resolve_remainder(causal, None)
-    target = sum(spec.attended_pairs(context, block_size, causal=causal, remainder=remainder))
+    target = cost.attended_pairs(context, block_size, causal=causal)
     windows = torch.arange(1, context + 1)
     left, right = _window_sides(windows, causal)
     pairs = windows * context - left * (left + 1) // 2 - right * (right + 1) // 2  # minus the keys cut off at the ends
@@ -68,7 +56,7 @@ def matched_window(context: int, block_size: int, *, causal: bool) -> int:
 
 def make_attention(name: str, *, causal: bool, block_size: int, window: int) -> Attention:
     """The attention function ``(q, k, v) -> out`` of the variant ``name`` (q, k, v: (B, H, T, D))."""
-    check_name(name, causal=causal)
+    check_attention(name, causal=causal)
     if name == "dense":
         return partial(F.scaled_dot_product_attention, is_causal=causal)
     if name == "local":
@@ -85,7 +73,7 @@ def make_context_parallel_attention(name: str, *, causal: bool, block_size: int,
     its shard); the others have no context-parallel form here."""
     from globalattn.distributed import context_parallel_attention
 
-    check_name(name, causal=causal)
+    check_attention(name, causal=causal)
     if name not in ("global", "global-own"):
         raise ValueError(f"context parallelism runs the attentions global and global-own, got {name!r}")
     scope = "own" if name == "global-own" else "all"

@@ -18,6 +18,8 @@ import zlib
 
 import torch
 
+from globalattn import checks
+
 IGNORE = -100  # targets that carry no loss (F.cross_entropy's ignore_index)
 SPLITS = ("train", "val")
 
@@ -36,14 +38,12 @@ class Task:
     options: tuple[str, ...] = ()
 
     def __init__(self, context: int, seed: int = 0):
-        if context < 1:
-            raise ValueError(f"context must be a positive int, got {context!r}")
+        checks.positive_int("context", context)
         self.context, self.seed = context, seed
 
     def batch(self, split: str, index: int, size: int) -> dict[str, torch.Tensor]:
         """Batch ``index`` of ``split``: ``size`` examples, the same every time it is asked for."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        checks.choice("split", split, SPLITS)
         return self.make_batch(split, index, size)
 
     def make_batch(self, split: str, index: int, size: int) -> dict[str, torch.Tensor]:

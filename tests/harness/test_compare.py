@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from globalattn.cli import main
-from globalattn.compare import ATTENTIONS, PRESETS, ROUTING_ATTENTIONS, Preset, compare, results_markdown
-from globalattn.models.attention import top_blocks_of
-from globalattn.tasks import IGNORE, make_task
+from globalattn.harness.compare import compare
+from globalattn.harness.config import ATTENTIONS, top_blocks_of
+from globalattn.harness.presets import PRESETS, ROUTING_ATTENTIONS, Preset
+from globalattn.harness.report import results_markdown
+from globalattn.harness.tasks import IGNORE, make_task
 
 TINY = Preset(
     tasks=("mqar", "listops"),
@@ -20,7 +22,7 @@ TINY = Preset(
     seeds=(0,),
     steps=2,
     tokens_per_step=128,
-    options=dict(d_model=16, n_layer=1, n_head=2),
+    model=dict(d_model=16, n_layer=1, n_head=2),
     eval_every=1,
     eval_examples=1,
 )
@@ -81,12 +83,12 @@ def test_table_marks_the_best_of_each_row_by_the_metric_direction():
 
 
 def test_a_run_that_fails_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
-    import globalattn.compare as comparing
+    import globalattn.harness.compare as comparing
 
     real_train = comparing.train
 
     def broken_global_own(config, **kwargs):
-        if config.attention == "global-own":
+        if config.model.attention == "global-own":
             raise RuntimeError("kernel exploded")
         return real_train(config, **kwargs)
 
@@ -99,16 +101,16 @@ def test_a_run_that_fails_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch
 def test_presets_compare_all_five_attentions_on_a_bidirectional_task():
     for preset in (PRESETS["cpu-small"], PRESETS["gpu"]):
         measured = [r for r in preset.runs() if not isinstance(r, tuple)]
-        assert {r.attention for r in measured} >= set(ATTENTIONS)
-        assert {r.attention for r in measured if r.task == "listops"} >= set(ATTENTIONS)  # global-own is measured
-        assert "global-top2" in {r.attention for r in measured if r.task == "mqar"}
-        assert len({r.batch * r.context for r in measured if r.task == "shakespeare"}) == 1  # tokens per step
+        assert {r.model.attention for r in measured} >= set(ATTENTIONS)
+        assert {r.model.attention for r in measured if r.task == "listops"} >= set(ATTENTIONS)  # global-own measured
+        assert "global-top2" in {r.model.attention for r in measured if r.task == "mqar"}
+        assert len({r.batch * r.model.context for r in measured if r.task == "shakespeare"}) == 1  # tokens per step
     assert max(PRESETS["cpu-small"].contexts) <= 1024
 
 
 def test_top_blocks_preset_routes_against_dense_and_global_on_text():
     runs = PRESETS["cpu-top-blocks"].runs()
-    assert [r.attention for r in runs if r.seed == 0] == [
+    assert [r.model.attention for r in runs if r.seed == 0] == [
         "dense",
         "global",
         "global-top1",
@@ -117,7 +119,8 @@ def test_top_blocks_preset_routes_against_dense_and_global_on_text():
         "local",
         "sliding",
     ]
-    assert {(r.task, r.context, r.batch, r.steps, r.d_model) for r in runs} == {("shakespeare", 256, 16, 1000, 64)}
+    cells = {(r.task, r.model.context, r.batch, r.steps, r.model.d_model) for r in runs}
+    assert cells == {("shakespeare", 256, 16, 1000, 64)}
     assert len(runs) == 14  # two seeds: the differences are small
 
 
@@ -140,20 +143,20 @@ def test_options_for_a_task_that_does_not_take_them_are_refused_with_the_grid():
 
 def test_gpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
     runs = PRESETS["gpu-recall"].runs()
-    assert [r.attention for r in runs if r.seed == 0] == list(ROUTING_ATTENTIONS)  # causal: no global-own
+    assert [r.model.attention for r in runs if r.seed == 0] == list(ROUTING_ATTENTIONS)  # causal: no global-own
     assert len(runs) == 14 and {r.seed for r in runs} == {0, 1}
-    assert {(r.task, r.context, r.batch * r.context) for r in runs} == {("mqar", 512, 32768)}
+    assert {(r.task, r.model.context, r.batch * r.model.context) for r in runs} == {("mqar", 512, 32768)}
     assert all(r.steps >= 1000 for r in runs)  # MQAR takes thousands of steps, where it is learned at all
     config = runs[0]
-    assert all(r.task_options == config.task_options and r.block_size == config.block_size for r in runs)
+    assert all(r.task_options == config.task_options and r.model.block_size == config.model.block_size for r in runs)
     task = make_task("mqar", 512, seed=int(torch.randint(1000, ())), **config.task_options)
     batch = task.batch("val", 0, 4)
     blocks_holding_a_queried_pair = set()
     for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
         for key in (tokens[i] for i, t in enumerate(targets) if t != IGNORE):
-            blocks_holding_a_queried_pair.add(tokens.index(key) // config.block_size)
+            blocks_holding_a_queried_pair.add(tokens.index(key) // config.model.block_size)
     assert len(blocks_holding_a_queried_pair) >= 8
-    assert len(blocks_holding_a_queried_pair) > max(top_blocks_of(r.attention) for r in runs)
+    assert len(blocks_holding_a_queried_pair) > max(top_blocks_of(r.model.attention) for r in runs)
 
 
 def test_narrowing_a_preset_narrows_each_task_too():
@@ -161,14 +164,14 @@ def test_narrowing_a_preset_narrows_each_task_too():
         tasks=["mqar"], contexts=[256], attentions=["dense", "global-top2"], steps=3
     )
     runs = narrowed.runs()
-    assert [(r.task, r.context, r.attention, r.steps) for r in runs] == [
+    assert [(r.task, r.model.context, r.model.attention, r.steps) for r in runs] == [
         ("mqar", 256, "dense", 3),
         ("mqar", 256, "global-top2", 3),
     ]
 
 
 def test_cli_compare_narrows_the_preset(tmp_path, monkeypatch):
-    import globalattn.compare as comparing
+    import globalattn.harness.compare as comparing
 
     seen = {}
     monkeypatch.setattr(

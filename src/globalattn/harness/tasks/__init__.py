@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from globalattn.tasks.base import IGNORE, Task
-from globalattn.tasks.listops import ListOps
-from globalattn.tasks.mqar import MQAR
-from globalattn.tasks.passkey import Passkey
-from globalattn.tasks.text import PythonStdlib, Shakespeare
+from globalattn import checks
+from globalattn.harness.tasks.base import IGNORE, Task
+from globalattn.harness.tasks.listops import ListOps
+from globalattn.harness.tasks.mqar import MQAR
+from globalattn.harness.tasks.passkey import Passkey
+from globalattn.harness.tasks.text import PythonStdlib, Shakespeare
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Shakespeare, PythonStdlib, MQAR, ListOps, Passkey)}
 
@@ -14,8 +15,7 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (Shakespeare, PythonStdlib, M
 def make_task(name: str, context: int, seed: int = 0, **options) -> Task:
     """Task ``name`` at ``context`` tokens; ``options`` go to its constructor (``Task.options``
     lists the names it takes; it checks their values)."""
-    if name not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+    checks.choice("task", name, tuple(TASKS))
     check_options(name, options)
     return TASKS[name](context, seed, **options)
 

@@ -16,23 +16,27 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from globalattn import train as training
 from globalattn.cli import main
-from globalattn.train import NonFiniteLoss, TrainConfig, train
+from globalattn.harness import train as training
+from globalattn.harness.config import ModelConfig, TrainConfig
+from globalattn.harness.train import NonFiniteLoss, train
 
 TINY = TrainConfig(
     task="shakespeare",
-    attention="global",
-    context=32,
+    model=ModelConfig(context=32, attention="global", d_model=16, n_layer=1, n_head=2),
     steps=6,
     batch=4,
     lr=1e-2,
-    d_model=16,
-    n_layer=1,
-    n_head=2,
     eval_every=3,
     eval_examples=1,
 )
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def tiny(**changes) -> TrainConfig:
+    """TINY with ``changes``; a field of the model changes TINY's model."""
+    model = {name: changes.pop(name) for name in list(changes) if name in MODEL_FIELDS}
+    return dataclasses.replace(TINY, model=TINY.model.replace(**model), **changes)
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -58,16 +62,14 @@ def assert_same_run(a: dict, b: dict) -> None:
 )
 def test_loss_goes_down(task, attention):
     context = 128 if task == "passkey" else 64
-    config = dataclasses.replace(
-        TINY, task=task, attention=attention, context=context, steps=30, batch=8, d_model=32, eval_every=15
-    )
+    config = tiny(task=task, attention=attention, context=context, steps=30, batch=8, d_model=32, eval_every=15)
     history = train(config)["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.05, history
     assert all(0 <= h["metric"] for h in history)
 
 
 def test_bf16_autocast_trains_close_to_fp32():
-    config = dataclasses.replace(TINY, steps=4, eval_every=4)
+    config = tiny(steps=4, eval_every=4)
     fp32, bf16 = train(config), train(dataclasses.replace(config, precision="bf16"))
     assert bf16["final"]["val_loss"] == pytest.approx(fp32["final"]["val_loss"], rel=0.02)
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -99,7 +101,8 @@ KILLED_MID_SAVE = """
 import json, os, signal, sys
 from pathlib import Path
 import safetensors.torch
-from globalattn.train import TrainConfig, train
+from globalattn.harness.config import ModelConfig, TrainConfig
+from globalattn.harness.train import train
 
 real_save = safetensors.torch.save_file
 
@@ -110,7 +113,8 @@ def save_then_die(tensors, path, *args, **kwargs):
     return real_save(tensors, path, *args, **kwargs)
 
 safetensors.torch.save_file = save_then_die
-train(TrainConfig(**json.loads(sys.argv[1])), out=sys.argv[2])
+config = json.loads(sys.argv[1])
+train(TrainConfig(**{**config, "model": ModelConfig(**config["model"])}), out=sys.argv[2])
 """
 
 
@@ -151,13 +155,15 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypat
 def test_resume_refuses_other_settings_and_out_refuses_overwrite(tmp_path):
     train(TINY, out=tmp_path / "run")
     with pytest.raises(ValueError, match="other settings .*lr"):
-        train(dataclasses.replace(TINY, lr=1e-3), out=tmp_path / "run", resume=True)
+        train(tiny(lr=1e-3), out=tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(model.d_model\)"):
+        train(tiny(d_model=32), out=tmp_path / "run", resume=True)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         train(TINY, out=tmp_path / "run")
 
 
 def tiny_mqar(**options) -> TrainConfig:
-    return dataclasses.replace(TINY, task="mqar", context=64, steps=2, eval_every=2, task_options=options)
+    return tiny(task="mqar", context=64, steps=2, eval_every=2, task_options=options)
 
 
 def test_task_options_reach_the_task_and_the_records(tmp_path):
@@ -202,7 +208,7 @@ def test_resume_names_a_setting_that_the_checkpoint_predates(tmp_path):
 )
 def test_config_refuses_options_the_task_does_not_take(task, options, message):
     with pytest.raises(ValueError, match=message):
-        dataclasses.replace(TINY, task=task, task_options=options)
+        tiny(task=task, task_options=options)
 
 
 def free_port() -> int:
@@ -250,7 +256,7 @@ def test_two_gloo_processes_train_as_one(tmp_path, sharding):
                 p.kill()
             pytest.fail("the gloo processes did not finish in 120 s")
         assert proc.returncode == 0, output
-    reference = train(dataclasses.replace(TINY, steps=4, eval_every=2), out=tmp_path / "single")
+    reference = train(tiny(steps=4, eval_every=2), out=tmp_path / "single")
     ddp = json.loads((tmp_path / "ddp0" / "metrics.json").read_text())
     assert ddp["world_size"] == 2 and not (tmp_path / "ddp1" / "metrics.json").exists()  # rank 0 writes
     assert len(ddp["history"]) == len(reference["history"]) == 2

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from globalattn.tasks.base import Task
+from globalattn.harness.tasks.base import Task
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 VOCAB = ("<pad>", *OPERATORS, "]", *map(str, range(10)))

@@ -1,0 +1,78 @@
+"""The harness's transformer: causality, equal parameters for every attention, pooling, its
+attention cost, and a model without the data's fields refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from globalattn.harness.config import ATTENTIONS, ModelConfig
+from globalattn.harness.transformer import DecoderLM, EncoderClassifier, attention_cost, build_model
+
+CAUSAL_NAMES = [name for name in (*ATTENTIONS, "global-top2") if name != "global-own"]
+BIDIRECTIONAL_NAMES = [*ATTENTIONS, "global-top1"]
+
+
+@pytest.mark.parametrize("name", CAUSAL_NAMES)
+def test_decoder_is_causal(name):
+    """Changing token t changes no logit before t."""
+    config = ModelConfig(
+        context=48, attention=name, vocab_size=50, causal=True, d_model=32, n_head=2, block_size=8, window=9
+    )
+    model = DecoderLM(config).eval()
+    tokens = torch.randint(50, (2, 48))
+    changed = tokens.clone()
+    changed[:, 30] = (changed[:, 30] + 1) % 50
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :30], after[:, :30], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 30:], after[:, 30:])
+
+
+def test_every_variant_has_the_same_parameters():
+    shapes = {}
+    for name in BIDIRECTIONAL_NAMES:
+        model = build_model(
+            ModelConfig(context=64, attention=name, vocab_size=20, causal=False, num_classes=10, d_model=32, n_head=2)
+        )
+        shapes[name] = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert all(s == shapes["dense"] for s in shapes.values())
+    lm = DecoderLM(ModelConfig(context=64, attention="dense", vocab_size=20, causal=True, d_model=32, n_head=2))
+    assert not any("head" in n for n, _ in lm.named_parameters()), "the LM output is tied to the embedding"
+
+
+def test_encoder_pools_real_tokens_only():
+    config = ModelConfig(
+        context=32, attention="global", vocab_size=20, causal=False, num_classes=10, d_model=32, n_head=2
+    )
+    model = EncoderClassifier(config).eval()
+    tokens = torch.randint(1, 20, (3, 32))
+    real = torch.rand(3, 32) > 0.3
+    logits = model(tokens, real)
+    features = model.transformer(tokens)
+    for row in range(3):
+        pooled = features[row, real[row]].mean(0)
+        torch.testing.assert_close(logits[row], model.head(pooled))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_attention_cost_counts_4_head_dim_flops_per_pair_and_layer(causal):
+    context, d_model, layers = 64, 32, 3
+    config = ModelConfig(context=context, attention="dense", causal=causal, d_model=d_model, n_head=4, n_layer=layers)
+    pairs = context * (context + 1) // 2 if causal else context * context
+    assert attention_cost(config) == {
+        "keys_per_token": pairs / context,
+        "attention_flops": 4 * d_model * pairs * layers,
+    }
+    local = ModelConfig(context=context, attention="local", causal=causal, block_size=64)  # one block: dense's pairs
+    assert attention_cost(local)["attention_flops"] == 4 * 128 * pairs * 2
+
+
+def test_a_model_needs_the_data_fields():
+    config = ModelConfig(context=16, attention="dense", d_model=16, n_head=2)  # as a TrainConfig holds it
+    for incomplete in (config.replace(causal=True), config.replace(causal=False, num_classes=10)):
+        with pytest.raises(ValueError, match="a model needs vocab_size and causal"):
+            build_model(incomplete)
+    with pytest.raises(ValueError, match="DecoderLM needs a causal config"):
+        DecoderLM(config.replace(vocab_size=20))
+    assert isinstance(build_model(config.replace(vocab_size=20, causal=True)), DecoderLM)
