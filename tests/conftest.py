@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("GLOBALATTN_TRITON_AUTOTUNE", "0")  # one tile configuration: no tuning per test shape
 
 import oracle  # noqa: E402
-from globalattn import backends, global_attention  # noqa: E402
+from globalattn import backends, global_attention, options  # noqa: E402
 
 SESSION_SEED = int(os.environ.get("GLOBALATTN_TEST_SEED", random.randrange(2**31)))
 
@@ -140,9 +140,9 @@ class Case:
         """``global_attention`` of these inputs with this case's options; a test of a fused
         backend on inputs it does not cover (a dtype, an option) is skipped with its reason."""
         if backend in ("flex", "triton"):
-            options = {**self.options(), "dropout_p": 0.0, **extra, "block_size": self.b, "key_mask": key_mask}
-            options.update(remainder=self.resolved_remainder, scale=self.scale_value())  # resolved, as api passes
-            reason = backends.unsupported_reason(backend, q, k, v, options)
+            chosen = {name: x for name, x in extra.items() if name in options.resolve.__kwdefaults__}
+            resolved = options.resolve(q, k, v, self.b, key_mask=key_mask, **self.options(), **chosen)
+            reason = backends.get(backend).unsupported(q, k, v, resolved)
             if reason is not None:
                 pytest.skip(f"{backend}: {reason}")
         return global_attention(q, k, v, self.b, key_mask=key_mask, backend=backend, **self.options(), **extra)
@@ -154,7 +154,7 @@ class Case:
         return 1.0 / math.sqrt(self.D) if self.scale is None else self.scale
 
 
-# The grid every backend is tested on: the seed's 16 tokens and the corners of SPEC.md.
+# The grid every backend is tested on: the seed's 16 tokens and the corners of docs/semantics.md ("Edge cases").
 # Largest error allowed against the float64 oracle (inputs ~ N(0, 1)): absolute for out and lse,
 # relative to the largest exact value (at least 1) for gradients, which grow with the sequence.
 FORWARD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}

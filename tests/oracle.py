@@ -1,8 +1,9 @@
-"""An independent float64 brute force of SPEC.md, one query row at a time.
+"""An independent float64 brute force of docs/semantics.md, one query row at a time.
 
-Written from SPEC.md and the seed alone: it imports nothing from globalattn, so that a mistake
-shared by the library's own helpers (``globalattn.spec``) cannot hide here.  Plain Python loops over
-blocks, rows and keys; numpy only for the dot products.  Use small sizes.
+Written from docs/semantics.md alone (the seed is its "Worked example"): it imports nothing from
+globalattn, so that a mistake shared by the library's own helpers (``globalattn.spec``) cannot hide
+here.  Plain Python loops over blocks, rows and keys; numpy only for the dot products.  Use small
+sizes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Result:
 def attention(
     query, key, value, block_size, *, causal=False, scope="all", remainder=None, key_mask=None, scale=None, top_blocks=0
 ):
-    """SPEC.md's global-token attention, brute force in float64.  Same arguments as the library."""
+    """docs/semantics.md's global-token attention, brute force in float64.  Same arguments as the library."""
     q, k, v = (x.detach().cpu().double().numpy() for x in (query, key, value))
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, seq_len = k.shape[1], k.shape[2]
@@ -64,7 +65,7 @@ def attention(
     key_global = np.einsum("bgs,bhsd->bhgd", pool, k)
     value_global = np.einsum("bgs,bhsd->bhgd", pool, v)
 
-    # Who sees what (SPEC's table), per batch element and query row.
+    # Who sees what (docs/semantics.md, "Who attends to what"), per batch element and query row.
     allowed = np.zeros((batch, q_len, seq_len + num_global), bool)
     for b in range(batch):
         for i in range(q_len):
@@ -86,7 +87,8 @@ def attention(
     weights = np.zeros((batch, q_heads, q_len, seq_len + num_global))
 
     def routed_columns(b, query_row, global_keys, row_allowed, own_block):
-        """SPEC's top_blocks: the real tokens of the k candidate blocks that score highest (ties: lower j)."""
+        """top_blocks (docs/semantics.md, "Routing to the top blocks"): the real tokens of the k
+        candidate blocks that score highest (ties: lower j)."""
         candidates = [j for j in range(num_global) if row_allowed[seq_len + j] and j != own_block]
         ranked = sorted(candidates, key=lambda j: (-scale * float(np.dot(query_row, global_keys[j])), j))
         return [s for j in ranked[:top_blocks] for s in range(*bounds[j]) if real[b, s]]

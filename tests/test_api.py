@@ -1,9 +1,11 @@
 """The public functions: every refused input raises a ValueError that names the argument; the defaults
-resolve as SPEC.md says."""
+resolve as docs/semantics.md says."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,3 +254,27 @@ def test_first_order_backends_refuse_double_backward(backend):
     out = global_attention(q, k, v, 4, backend=backend)
     with pytest.raises(RuntimeError, match=f"backend='{backend}' has no double backward"):
         torch.autograd.grad(out.sum(), q, create_graph=True, allow_unused=True)
+
+
+def test_import_loads_only_what_is_used():
+    """``import globalattn`` loads no torch until a public name is used; resolving every name loads
+    neither Triton, transformers, the harness nor the distributed machinery, and neither does using
+    them on the CPU (torch's custom ops themselves import Triton, when installed, on a first call)."""
+    script = """
+import sys
+untouched = "torch" not in sys.modules
+import globalattn
+untouched = untouched and "torch" not in sys.modules
+names = [name for name in globalattn.__all__ if getattr(globalattn, name) is None]
+heavy = ["triton", "transformers", "globalattn.harness", "globalattn.distributed", "globalattn.backends.flex"]
+print(untouched, names, [m for m in heavy if m in sys.modules])
+import torch
+q = torch.randn(1, 2, 8, 4)
+globalattn.global_attention(q, q, q, 4, causal=True)
+layer = globalattn.GlobalAttention(8, 2, block_size=4, causal=True)
+layer(torch.randn(1, 5, 8), cache=globalattn.PooledKVCache())
+print([m for m in heavy[1:] + ["globalattn.backends.triton"] if m in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["True [] []", "[]"]

@@ -119,8 +119,9 @@ def test_pooled_tokens_are_the_block_means_of_real_tokens():
 
 
 def test_decode_steps_never_revisit_the_prefix(monkeypatch):
-    """A decode step pools only the block it completes and never runs attention over the prefix."""
-    pooled_lengths, full_attention_calls = [], []
+    """A decode step attends once, over the current block's keys alone (the prefix enters as its
+    pooled tokens), and pools nothing longer than one block."""
+    pooled_lengths, attention_key_lengths = [], []
     pool_blocks, global_attention = cache_module.spec.pool_blocks, cache_module.global_attention
 
     def counting_pool(xs, *args, **kwargs):
@@ -128,7 +129,7 @@ def test_decode_steps_never_revisit_the_prefix(monkeypatch):
         return pool_blocks(xs, *args, **kwargs)
 
     def counting_attention(query, key, *args, **kwargs):
-        full_attention_calls.append(key.shape[2])
+        attention_key_lengths.append(key.shape[2])
         return global_attention(query, key, *args, **kwargs)
 
     q, k, v = sequence(length=70)
@@ -137,8 +138,9 @@ def test_decode_steps_never_revisit_the_prefix(monkeypatch):
     monkeypatch.setattr(cache_module.spec, "pool_blocks", counting_pool)
     monkeypatch.setattr(cache_module, "global_attention", counting_attention)
     out = run_in_steps(cache, q[:, :, 50:], k[:, :, 50:], v[:, :, 50:], [1] * 20, 8)
-    assert full_attention_calls == []
-    assert pooled_lengths == [8, 8]  # blocks [48, 56) and [56, 64) complete, nothing else is pooled
+    # 50 prompt positions leave 2 in the current block [48, 56); each step's window is that block so far.
+    assert attention_key_lengths == [3, 4, 5, 6, 7, 8, *range(1, 9), *range(1, 7)]
+    assert max(pooled_lengths) <= 8
     torch.testing.assert_close(out, oracle.attention(q, k, v, 8, causal=True).out[:, :, 50:], rtol=0, atol=1e-12)
 
 

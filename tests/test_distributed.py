@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given, settings
 
+import globalattn.backends.blocked
 import globalattn.distributed
 import globalattn.layer
 from globalattn import GlobalAttention, block_bounds, global_attention
@@ -93,7 +94,7 @@ CASES = [
     dict(scope="own", mask=True),
     dict(scale=0.3, cuts=True),  # shards cut by hand, not by shard_range
     dict(causal=True, mask=True, cuts=True),
-    dict(mask=True, chunk_elements=200),  # the other ranks' tokens attended a few rows at a time
+    dict(mask=True, chunk_elements=200),  # each rank's call cut into many chunks
 ]
 
 
@@ -134,15 +135,16 @@ def _check_case(rank: int, world_size: int, seed: int, case: dict) -> None:
         shard = slice(mine.start, mine.stop)
         q_s, k_s, v_s = (shard_sequence(x.detach(), b, dim=2, **sharding).requires_grad_() for x in (q, k, v))
         mask_s = None if mask is None else shard_sequence(mask, b, dim=1, **sharding)
-    chunk_elements = globalattn.distributed.CHUNK_ELEMENTS
-    globalattn.distributed.CHUNK_ELEMENTS = case.get("chunk_elements", chunk_elements)
+    blocked = globalattn.backends.blocked  # the backend every rank's call runs on the CPU
+    chunk_elements = blocked.CHUNK_ELEMENTS
+    blocked.CHUNK_ELEMENTS = case.get("chunk_elements", chunk_elements)
     try:
         out = context_parallel_attention(q_s, k_s, v_s, b, key_mask=mask_s, scale=case.get("scale"), **options)
         grads = torch.autograd.grad(out, (q_s, k_s, v_s), grad_out[:, :, shard])
         with torch.no_grad():
             again = context_parallel_attention(q_s, k_s, v_s, b, key_mask=mask_s, scale=case.get("scale"), **options)
     finally:
-        globalattn.distributed.CHUNK_ELEMENTS = chunk_elements
+        blocked.CHUNK_ELEMENTS = chunk_elements
 
     where = f"rank {rank} of {world_size}, case {case}"
     torch.testing.assert_close(out, exact[:, :, shard], rtol=0, atol=TOLERANCE, msg=lambda m: f"{where}: out: {m}")
@@ -173,6 +175,12 @@ def _check_refusals(rank: int, world_size: int) -> None:
     with pytest.raises(ValueError, match="the last rank's shard has 3 < block_size=5 positions"):
         attend(cuts[:-2] + [S - 3, S])
     attend(cuts[:-2] + [S - 3, S], remainder="separate")  # a short separate last block is fine
+    with pytest.raises(ValueError, match="takes no top_blocks"):
+        attend(cuts, top_blocks=1)
+    with pytest.raises(ValueError, match="unknown option.*causl"):
+        attend(cuts, causl=True)
+    with pytest.raises(ValueError, match='remainder="merge" cannot be causal'):
+        attend(cuts, causal=True, remainder="merge")
     with pytest.raises(ValueError, match="same shard"):
         context_parallel_attention(q[:, :, :b], k[:, :, : 2 * b], v[:, :, : 2 * b], b)  # refused before any collective
 

@@ -39,7 +39,7 @@ from conftest import (
     in_layout,
     max_error,
 )
-from globalattn import global_attention, spec
+from globalattn import global_attention, options, spec
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -49,23 +49,21 @@ def flex_with_cpu_backward(query, key, value, *, block_mask, scale, enable_gqa, 
     (FlexAttention's own math backward) works on the CPU although the public function refuses."""
     from torch.nn.attention.flex_attention import _apply_kernel_options, _identity, flex_attention_hop
 
-    options = _apply_kernel_options(query, key, value, False, None, return_aux)
-    out, lse_log2, _ = flex_attention_hop(query, key, value, _identity, block_mask.as_tuple(), scale, options)
+    kernel_options = _apply_kernel_options(query, key, value, False, None, return_aux)
+    out, lse_log2, _ = flex_attention_hop(query, key, value, _identity, block_mask.as_tuple(), scale, kernel_options)
     return out, AuxOutput(lse=lse_log2 * math.log(2), max_scores=None)  # the op's lse is in log2 units
 
 
 def attend_flex(case: Case, q, k, v, key_mask, monkeypatch=None):
     """(out, lse) of the flex backend for this case, skipped where the backend refuses the inputs
     (CUDA float64, say); on the CPU with gradients, through the seam above."""
-    options = dict(case.options(), remainder=case.resolved_remainder, scale=case.scale_value())
-    options.update(block_size=case.b, key_mask=key_mask, dropout_p=0.0)
     if q.device.type == "cpu" and q.requires_grad:
         monkeypatch.setattr(flex, "_flex_function", lambda device: flex_with_cpu_backward)
-        return flex.attention(q, k, v, **options)
+        return flex.attention(q, k, v, options.resolve(q, k, v, case.b, key_mask=key_mask, **case.options()))
     return case.attend("flex", q, k, v, key_mask, return_lse=True)  # skips where flex refuses
 
 
-# -- results (the forward pass over the SPEC grid runs in test_backends.py) ---------------------------
+# -- results (the forward pass over the grid of conftest cases runs in test_backends.py) ---------------------------
 
 
 @pytest.mark.parametrize("case", case_params([c for c in GRID if c.L < c.S or c.mask]))
@@ -152,7 +150,9 @@ def fake_tensor(device, dtype, *shape):
 def test_unsupported_reasons_on_cuda():
     def reason(dtype=torch.bfloat16, head_dim=64, value_dim=64, device="cuda"):
         q, k = fake_tensor(device, dtype, 1, 4, 8, head_dim), fake_tensor(device, dtype, 1, 2, 8, head_dim)
-        return flex.unsupported(q, k, fake_tensor(device, dtype, 1, 2, 8, value_dim), {"top_blocks": 0})
+        plain = options.AttentionOptions(block_size=4, causal=False, scope="all", remainder="merge", key_mask=None,
+                                         scale=1.0)  # fmt: skip
+        return flex.unsupported(q, k, fake_tensor(device, dtype, 1, 2, 8, value_dim), plain)
 
     if reason() is not None:  # only where triton is missing
         assert "triton" in reason()
@@ -180,7 +180,7 @@ def plan_for(case: Case, key_mask, tile: int):
     """The backend's plan and BlockMask (with this key_mask's real columns) for ``case``."""
     remainder = case.resolved_remainder
     masked = key_mask is not None
-    plan = flex._plan(case.S, case.L, case.b, remainder, case.causal, case.scope, masked, tile, torch.device("cpu"))
+    plan = flex._plan(case.S, case.L, case.b, remainder, case.causal, case.scope, masked, 0, tile, torch.device("cpu"))
     if key_mask is None:
         return plan, plan.block_mask
     _, present = spec.pool_blocks((torch.zeros(case.B, 1, case.S, 1),), case.b, remainder, key_mask)

@@ -1,5 +1,5 @@
 """The block structure and the global tokens (``globalattn.spec``, ``block_bounds``) against the oracle
-and against values written out by hand from SPEC.md."""
+and against values written out by hand from docs/semantics.md."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_pool_blocks_ignore_padded_values():
     torch.testing.assert_close(pooled2[0], pooled[0], rtol=0, atol=1e-12)
 
 
-# -- who sees what: the SPEC's worked example and api.py's picture, written out by hand ------------
+# -- who sees what: docs/semantics.md's worked example and api.py's picture, written out by hand ------------
 
 
 def _seen(weights_row) -> list[int]:
@@ -153,21 +153,21 @@ def test_queries_are_bottom_right_aligned():
     assert _seen(weights[0, 0, 2]) == [8, 9, 10, 11]
 
 
-def test_merge_attentions_is_one_softmax_over_both_sets():
-    """Attending to two disjoint key sets and merging by lse equals one softmax over their union,
-    including rows that see only one set or neither (zeros, lse -inf, zero gradients)."""
+def test_masked_softmax_over_the_allowed_cells_and_empty_rows():
+    """Each row's softmax over its allowed cells alone; a row that sees nothing gets zeros, lse
+    -inf and zero gradients, never NaN."""
     scores = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)  # (H, L, keys)
-    values = torch.randn(3, 12, 4, dtype=torch.float64)
     allowed = torch.rand(5, 12) > 0.4
-    allowed[0, :6] = False  # row 0 sees only the second set
+    allowed[0, :6] = False
     allowed[1] = False  # row 1 sees nothing
+    allowed[2, 3] = True
     weights, lse = spec.masked_softmax(scores, allowed)
-    expected = weights @ values
-    parts = [spec.masked_softmax(scores[..., cut], allowed[:, cut]) for cut in (slice(0, 6), slice(6, 12))]
-    (w_a, lse_a), (w_b, lse_b) = parts
-    out, merged_lse = spec.merge_attentions(w_a @ values[:, :6], lse_a, w_b @ values[:, 6:], lse_b)
-    assert torch.allclose(out, expected, atol=1e-12) and torch.equal(out[:, 1], torch.zeros(3, 4, dtype=out.dtype))
-    assert torch.allclose(merged_lse[:, [0, 2, 3, 4]], lse[:, [0, 2, 3, 4]], atol=1e-12)
-    assert torch.isneginf(merged_lse[:, 1]).all() and torch.isneginf(lse[:, 1]).all()
-    (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), scores)
+    for row in (0, 2, 3, 4):
+        cells = allowed[row].nonzero()[:, 0]
+        expected = torch.zeros(3, 12, dtype=torch.float64)
+        expected[:, cells] = torch.softmax(scores[:, row, cells], dim=-1)
+        assert torch.allclose(weights[:, row], expected, atol=1e-12)
+        assert torch.allclose(lse[:, row], torch.logsumexp(scores[:, row, cells], dim=-1), atol=1e-12)
+    assert torch.equal(weights[:, 1], torch.zeros(3, 12, dtype=torch.float64)) and torch.isneginf(lse[:, 1]).all()
+    (grad,) = torch.autograd.grad((weights * torch.randn_like(weights)).sum() + lse[:, [0, 2]].sum(), scores)
     assert torch.isfinite(grad).all() and (grad[:, 1] == 0).all()

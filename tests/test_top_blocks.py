@@ -1,4 +1,5 @@
-"""SPEC's ``top_blocks`` routing: each query also reads the raw tokens of its k best-scoring blocks.
+"""``top_blocks`` routing (docs/semantics.md, "Routing to the top blocks"): each query also reads the
+raw tokens of its k best-scoring blocks.
 
 Every backend against the float64 loop oracle (which ranks the candidate blocks itself), ties,
 k beyond the number of candidates, gradients, the cost bound, and ``top_blocks=0`` as the plain
@@ -51,7 +52,7 @@ def test_weights_match_oracle(case):
     weights = attention_weights(q, k, case.b, key_mask=key_mask, **case.options())
     ref = case.oracle(q, k, k, key_mask)
     assert max_error(weights, ref.weights) < 1e-12
-    # The cost bound of SPEC: at most b + G + k*b keys per query (the longest block standing for b).
+    # The cost bound of docs/semantics.md: at most b + G + k*b keys per query (the longest block standing for b).
     blocks = oracle.blocks(case.S, case.b, case.resolved_remainder)
     longest = max(hi - lo for lo, hi in blocks)
     assert (weights > 0).sum(-1).max() <= longest + len(blocks) + case.top_blocks * longest

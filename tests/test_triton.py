@@ -1,4 +1,4 @@
-"""What is particular to the Triton kernels (the SPEC grid itself runs in test_backends.py).
+"""What is particular to the Triton kernels (the grid of conftest cases runs in test_backends.py).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (conftest sets it), in float32 and float16.
 """
@@ -28,7 +28,7 @@ from conftest import (
     grads_of,
     in_layout,
 )
-from globalattn import backends, explain_backend, global_attention
+from globalattn import backends, explain_backend, global_attention, options
 
 triton_backend = pytest.importorskip("globalattn.backends.triton")
 
@@ -44,8 +44,7 @@ LONG = [
 def test_the_kernels_run_here():
     """CI has no GPU: if the interpreter were off, every triton test would skip and nothing would say so."""
     q = torch.randn(1, 1, 4, 16, device="cuda" if torch.cuda.is_available() else "cpu")
-    options = dict(top_blocks=0, dropout_p=0.0)
-    assert backends.unsupported_reason("triton", q, q, q, options) is None
+    assert backends.get("triton").unsupported(q, q, q, options.resolve(q, q, q, 4)) is None
 
 
 @pytest.mark.slow
@@ -69,11 +68,14 @@ def test_kernels_compile_for_hopper():
         (dict(dropout_p=0.1), "dropout is not supported"),
         (dict(dtype=torch.float64), "dtype torch.float64 is not supported"),
         (dict(head_dim=300), "head dims above 256"),
+        (dict(extra_tokens=True), "extra_global_tokens are not supported"),
     ],
 )
 def test_refusals_name_the_reason_and_the_fallback(change, reason):
     dtype, head_dim = change.pop("dtype", torch.float32), change.pop("head_dim", 16)
     q = torch.randn(1, 2, 8, head_dim, dtype=dtype)
+    if change.pop("extra_tokens", False):
+        change["extra_global_tokens"] = (q[:, :, :2], q[:, :, :2], torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=rf"backend='triton' cannot compute this call: {reason}.*backend='torch' can"):
         global_attention(q, q, q, 4, backend="triton", **change)
 

@@ -1,19 +1,20 @@
 """Incremental causal global attention: a decoding cache of O(b + S/b) entries per layer, not O(S).
 
 In causal mode a query at position p, in block c = p // b, attends to the keys of block c up to p and
-to the global tokens of the complete blocks j < c (SPEC.md).  A decoder therefore needs, per layer,
-only the keys/values of the current, unfinished block (fewer than b) and one pooled key/value per
-finished block (S // b of them): at S = 128k and b = 256, 768 entries instead of 131072.
+to the global tokens of the complete blocks j < c (docs/semantics.md, "Who attends to what").  A
+decoder therefore needs, per layer, only the keys/values of the current, unfinished block (fewer
+than b) and one pooled key/value per finished block (S // b of them): at S = 128k and b = 256, 768
+entries instead of 131072.
 ``PooledKVCache`` keeps exactly that.  Each step appends L new positions (a prompt, or one token)::
 
     window  = [the current block's cached positions ; the L new ones]   (starts on a block boundary)
-    outputs = causal global attention of the new queries over the window, merged with their
-              attention to the pooled tokens of the blocks before it
+    outputs = global_attention(new queries, window, causal=True,
+                               extra_global_tokens=the pooled tokens of the blocks before it)
     then every block the window completed is pooled, and what is left becomes the current block
 
-which is, to rounding, the last L rows of ``global_attention(causal=True)`` over the whole sequence.
-A decode step, whose window lies in one block, runs one small softmax over [pooled tokens ; window]:
-O(b + S/b) work, with no re-pooling of the prefix.
+which is, to rounding, the last L rows of ``global_attention(causal=True)`` over the whole sequence
+(docs/semantics.md, "Global tokens from outside the call"): one call and one softmax per step,
+through the same backends as training, with O(b + S/b) work and no re-pooling of the prefix.
 """
 
 from __future__ import annotations
@@ -75,11 +76,8 @@ class PooledKVCache:
                 f"update() was called again while {self.pending} positions await attend(): "
                 "every update() must be followed by one attend() with its queries"
             )
-        for name, t in (("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
-                raise ValueError(
-                    f"{name} must be a floating-point tensor (B, Hkv, L, head_dim), got {checks.describe(t)}"
-                )
+        checks.tensor("key", key, layout="(B, Hkv, L, head_dim)")
+        checks.tensor("value", value, layout="(B, Hkv, L, Dv)")
         if value.shape[:3] != key.shape[:3] or value.dtype != key.dtype:
             raise ValueError(
                 f"value must have key's (B, Hkv, L) = {tuple(key.shape[:3])} and dtype {key.dtype}, "
@@ -133,22 +131,18 @@ class PooledKVCache:
                 f"query must be a {dtype} tensor on {device} of shape (B={batch}, Hq, L={new}, "
                 f"D={head_dim}) (the staged positions), Hq a multiple of {kv_heads}; got {checks.describe(query)}"
             )
-        if key_mask is not None and (
-            not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (batch, new)
-        ):
-            raise ValueError(
-                f"key_mask must be a bool tensor (B, L) = {(batch, new)}, True = real; got {checks.describe(key_mask)}"
-            )
-        scale = checks.scale(scale, head_dim)
+        if key_mask is not None:
+            checks.bool_mask("key_mask", key_mask, (batch, new), device, layout="(B, L)")
         new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
         window_mask = torch.cat([self.block_mask, new_mask.to(self.block_mask.device)], dim=1)  # (B, r + L)
         # Garbage at padding positions must reach nothing, here and in the blocks kept for later steps.
         window_key, window_value = (spec.zero_padding(x, window_mask) for x in self._window)
 
-        if window_key.shape[2] <= block_size:
-            out = self._attend_within_one_block(query, window_key, window_value, window_mask, scale)
-        else:
-            out = self._attend_across_blocks(query, window_key, window_value, window_mask, block_size, scale)
+        # The window starts on a block boundary, so it is cut into the same blocks as the whole
+        # sequence; the finished blocks before it are global tokens every new query may see.
+        earlier_blocks = (self.pooled_key, self.pooled_value, self.pooled_present) if self.pooled_key.shape[2] else None
+        out = global_attention(query, window_key, window_value, block_size, causal=True, key_mask=window_mask,
+                               scale=scale, extra_global_tokens=earlier_blocks)  # fmt: skip
         self.block_size, self.pending, self._window = block_size, 0, None
         self._fold(window_key, window_value, window_mask, block_size)
         return out
@@ -171,33 +165,6 @@ class PooledKVCache:
         self.block_value, self.pooled_value = (value.new_empty(batch, kv_heads, 0, value.shape[3]) for _ in range(2))
         self.block_mask, self.pooled_present = (key.new_ones(batch, 0, dtype=torch.bool) for _ in range(2))
 
-    def _attend_within_one_block(self, query, window_key, window_value, window_mask, scale):
-        # A decode step (or a prompt shorter than a block): no block ends inside the window, so the
-        # queries see no global token of the window, and one softmax over [pooled tokens ; window
-        # keys up to each query] is the whole answer.
-        q_len, width = query.shape[2], window_key.shape[2]
-        query_pos = torch.arange(width - q_len, width, device=query.device)
-        causal = torch.arange(width, device=query.device)[None] <= query_pos[:, None]  # (L, r + L)
-        local = causal[None] & window_mask[:, None, :]  # (B, L, r + L)
-        pooled = self.pooled_present[:, None, :].expand(-1, q_len, -1)  # (B, L, G)
-        out, _ = attend_segments(
-            query, [(self.pooled_key, self.pooled_value, pooled), (window_key, window_value, local)], scale
-        )
-        return out
-
-    def _attend_across_blocks(self, query, window_key, window_value, window_mask, block_size, scale):
-        # A prompt that crosses block ends: the window starts on a block boundary, so global_attention
-        # over it cuts the same blocks as over the whole sequence; the finished blocks before the window
-        # are seen by every new query, and join the same softmax through the log-sum-exp.
-        out, lse = global_attention(
-            query, window_key, window_value, block_size, causal=True, key_mask=window_mask, scale=scale, return_lse=True
-        )
-        if self.pooled_key.shape[2] == 0:
-            return out
-        pooled = self.pooled_present[:, None, :].expand(-1, query.shape[2], -1)  # (B, L, G)
-        pooled_out, pooled_lse = attend_segments(query, [(self.pooled_key, self.pooled_value, pooled)], scale)
-        return spec.merge_attentions(out, lse, pooled_out, pooled_lse)[0].to(out.dtype)
-
     def _fold(self, window_key, window_value, window_mask, block_size) -> None:
         """Pool the blocks this step completed; keep the rest of the window as the current block."""
         done = window_key.shape[2] // block_size * block_size  # positions of the completed blocks
@@ -212,27 +179,6 @@ class PooledKVCache:
         self.block_key = window_key[:, :, done:].clone()
         self.block_value = window_value[:, :, done:].clone()
         self.block_mask = window_mask[:, done:].clone()
-
-
-def attend_segments(query: torch.Tensor, segments, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One softmax over the keys of several segments, for grouped query heads.
-
-    query (B, Hq, L, D); segments: ``(key (B, Hkv, N, D), value (B, Hkv, N, Dv), allowed (B, L, N) bool)``
-    each.  Returns out (B, Hq, L, Dv) in the query's dtype and lse (B, Hq, L) (float32 or better);
-    a row that may see nothing gets zeros and lse ``-inf``.
-    """
-    batch, q_heads, q_len, head_dim = query.shape
-    kv_heads = segments[0][0].shape[1]
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(dtype).view(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)  # (B, Hkv, g, L, D)
-    keys = torch.cat([key for key, _, _ in segments], dim=2)  # (B, Hkv, N1 + N2 + ..., D)
-    values = torch.cat([value for _, value, _ in segments], dim=2)
-    allowed = torch.cat([allowed for _, _, allowed in segments], dim=-1)  # (B, L, N1 + N2 + ...)
-    scores = scale * (q @ keys[:, :, None].to(dtype).transpose(-1, -2))  # (B, Hkv, g, L, N1 + N2 + ...)
-    weights, lse = spec.masked_softmax(scores, allowed[:, None, None])
-    out = weights @ values[:, :, None].to(dtype)  # (B, Hkv, g, L, Dv)
-    out = out.reshape(batch, q_heads, q_len, values.shape[-1])
-    return out.to(query.dtype), lse.reshape(batch, q_heads, q_len)
 
 
 def _layout(x: torch.Tensor) -> tuple:

@@ -5,13 +5,10 @@ block, so it needs no communication; what crosses ranks is the global tokens alo
 pools its blocks and all-gathers them, G x (D + Dv) per key/value head in all, where ring attention
 must pass every rank's S/P x (D + Dv) keys and values round the ring.
 
-A rank's output is the log-sum-exp merge of two softmaxes over disjoint sets:
-
-- ``global_attention`` on the shard: local keys and the shard's own global tokens, with the core's
-  rules (causal, scope) applied to the blocks inside the shard;
-- its queries over the other ranks' global tokens: all of them (bidirectional), those of earlier
-  ranks (causal: their blocks are complete and precede every query of the shard), none
-  (``scope="own"``, which therefore needs no communication at all).
+A rank's output is one ``global_attention`` call on its shard, with the other ranks' global tokens
+as ``extra_global_tokens``: all of them (bidirectional), those of earlier ranks (causal: their
+blocks are complete and precede every query of the shard), none (``scope="own"``, which therefore
+needs no communication at all).  The shard's own blocks follow the core's rules inside the call.
 
 The all-gather's backward is a reduce-scatter: each pooled token's gradient, summed over the
 queries of every rank, returns to the rank that owns it.  Every rank must therefore call forward
@@ -25,18 +22,16 @@ and run backward through its output, as with any collective inside autograd.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from globalattn import checks, spec
 from globalattn.api import global_attention
-from globalattn.backends.blocked import CHUNK_ELEMENTS
+from globalattn.options import GlobalTokens, resolve
 
 # torch 2.13 renamed the single-tensor collectives (the old names now warn); older torch has only the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -50,12 +45,7 @@ def context_parallel_attention(
     block_size: int,
     *,
     group: dist.ProcessGroup | None = None,
-    causal: bool = False,
-    scope: str = "all",
-    remainder: str | None = None,
-    key_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
+    **options,
 ) -> torch.Tensor:
     """``global_attention`` over a sequence sharded across the ranks of ``group`` (default: world).
 
@@ -69,26 +59,26 @@ def context_parallel_attention(
     A shard is a whole number of blocks: every shard but the last has a multiple of ``block_size``
     positions; the last may end with the remainder (a longer merged block, or a short separate one).
     ``shard_sequence`` cuts tensors this way.  An empty shard, or one cut inside a block, is refused
-    with a ValueError on every rank.  The other arguments are those of ``global_attention``.
+    with a ValueError on every rank.  ``options`` are the keyword options of ``global_attention``
+    (causal, scope, remainder, key_mask, scale, dropout_p), all ranks passing the same; not
+    ``top_blocks`` (it would read other ranks' raw tokens) nor ``extra_global_tokens``.
 
     Returns (B, Hq, n, Dv): this rank's slice of ``global_attention`` on the whole sequence, with the
     gradients of the whole-sequence computation flowing back to every rank's inputs.
     """
     _check_shard(query, key)
-    lengths = _shard_lengths(key, group)
-    # Validates every other argument, the same way on every rank: they all pass the same options.
-    options = dict(causal=causal, scope=scope, remainder=remainder, key_mask=key_mask, scale=scale, dropout_p=dropout_p)
-    out, lse = global_attention(query, key, value, block_size, return_lse=True, **options)
-    remainder = spec.resolve_remainder(causal, remainder)
-    _check_whole_blocks(lengths, block_size, remainder)
-    if scope == "own" or len(lengths) == 1:
-        return out  # no other rank's global token is visible
-    key_tokens, value_tokens, present = _gather_visible_global_tokens(
-        key, value, key_mask, block_size, remainder, lengths, causal, group
-    )
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    out_others, lse_others = _attend_to_tokens(query, key_tokens, value_tokens, present, scale, dropout_p)
-    return spec.merge_attentions(out, lse, out_others, lse_others)[0].to(out.dtype)
+    lengths = _shard_lengths(key, group)  # an empty shard is refused here, on every rank
+    # Every rank passes the same options, so a bad one is refused on every rank alike, and the
+    # shard layout is checked, all before anything is computed.
+    for name in ("top_blocks", "extra_global_tokens"):
+        if options.get(name):
+            raise ValueError(f"context_parallel_attention takes no {name}: it would read other ranks' raw tokens")
+    resolved = resolve(query, key, value, block_size, **options)
+    _check_whole_blocks(lengths, block_size, resolved.remainder)
+    if resolved.scope == "own" or len(lengths) == 1:  # no other rank's global token is visible
+        return global_attention(query, key, value, block_size, **options)
+    others = _gather_visible_global_tokens(key, value, block_size, resolved, lengths, group)
+    return global_attention(query, key, value, block_size, extra_global_tokens=others, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,11 +188,8 @@ def context_parallel_groups(context_parallel_size: int, *, timeout: timedelta | 
 
 
 def _check_shard(query, key) -> None:
-    for name, t in (("query", query), ("key", key)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(
-                f"{name} must be this rank's shard, a tensor (B, H, n, head_dim), got {checks.describe(t)}"
-            )
+    checks.tensor("query", query, layout="(B, Hq, n, head_dim), this rank's shard")
+    checks.tensor("key", key, layout="(B, Hkv, n, head_dim), this rank's shard")
     if query.shape[2] != key.shape[2]:
         raise ValueError(
             f"query and key must hold the same shard (n={key.shape[2]} positions), got query length {query.shape[2]}: "
@@ -238,14 +225,17 @@ def _check_whole_blocks(lengths: list[int], block_size: int, remainder: str) -> 
         )
 
 
-def _gather_visible_global_tokens(key, value, key_mask, block_size, remainder, lengths, causal, group):
+def _gather_visible_global_tokens(key, value, block_size, resolved, lengths, group):
     """The global tokens of the other ranks that this rank's queries may see.
 
     Returns keys (B, Hkv, T, D), values (B, Hkv, T, Dv) and present (B, T) bool (False: a block
     without a real token).  Every rank gathers every rank's tokens, so that the collective (and
     its backward) runs on all of them even when a rank sees none (causal rank 0).
     """
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    # The caller's block_size, not the resolved one: that is clamped to this shard's length, and
+    # every rank must count every rank's blocks alike.
+    remainder = resolved.remainder
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, resolved.key_mask)
     batch, kv_heads, own_blocks, head_dim = key_global.shape
     # One collective for all three: presence rides along as a 0/1 channel (exact in any float dtype).
     presence = present[:, None, :, None].expand(batch, kv_heads, own_blocks, 1).to(key_global.dtype)
@@ -254,40 +244,8 @@ def _gather_visible_global_tokens(key, value, key_mask, block_size, remainder, l
     tokens = _all_gather_uneven(packed, 2, blocks, group)  # (B, Hkv, G, D + Dv + 1)
     first = sum(blocks[: dist.get_rank(group)])  # this rank's first block
     earlier, later = tokens[:, :, :first], tokens[:, :, first + own_blocks :]
-    visible = earlier if causal else torch.cat([earlier, later], dim=2)  # (B, Hkv, T, D + Dv + 1)
-    return visible[..., :head_dim], visible[..., head_dim:-1], visible[:, 0, :, -1] > 0.5
-
-
-def _attend_to_tokens(query, key_tokens, value_tokens, present, scale, dropout_p):
-    """Every query row over the same few tokens, in one softmax: (out (B, Hq, L, Dv), lse (B, Hq, L)).
-
-    key_tokens (B, Hkv, T, D), value_tokens (B, Hkv, T, Dv), present (B, T) bool.  Rows are taken a
-    chunk at a time and recomputed in backward, so the (rows x T) scores never exist all at once.
-    """
-    batch, q_heads, q_len, _ = query.shape
-    kv_heads, num_tokens = key_tokens.shape[1:3]
-    group = q_heads // kv_heads
-    rows = query.unflatten(1, (kv_heads, group)).flatten(2, 3)  # (B, Hkv, g*L, D): a group shares its tokens
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // (batch * kv_heads * max(num_tokens, 1)))
-    outs, lses = zip(
-        *(
-            checkpoint(_dense_softmax, chunk, key_tokens, value_tokens, present, scale, dropout_p, use_reentrant=False)
-            for chunk in rows.split(rows_per_chunk, dim=2)
-        )
-    )
-    out = torch.cat(outs, dim=2).unflatten(2, (group, q_len)).flatten(1, 2)  # (B, Hq, L, Dv)
-    lse = torch.cat(lses, dim=2).unflatten(2, (group, q_len)).flatten(1, 2)  # (B, Hq, L)
-    return out, lse
-
-
-def _dense_softmax(rows, key_tokens, value_tokens, present, scale, dropout_p):
-    """rows (B, Hkv, R, D) over tokens (B, Hkv, T, .): out (B, Hkv, R, Dv), lse (B, Hkv, R)."""
-    compute_dtype = torch.promote_types(rows.dtype, torch.float32)
-    scores = scale * (rows.to(compute_dtype) @ key_tokens.to(compute_dtype).transpose(-1, -2))  # (B, Hkv, R, T)
-    weights, lse = spec.masked_softmax(scores, present[:, None, None, :])  # a batch row without tokens: zeros
-    if dropout_p > 0:
-        weights = torch.nn.functional.dropout(weights, p=dropout_p)
-    return weights @ value_tokens.to(compute_dtype), lse
+    visible = earlier if resolved.causal else torch.cat([earlier, later], dim=2)  # (B, Hkv, T, D + Dv + 1)
+    return GlobalTokens(visible[..., :head_dim], visible[..., head_dim:-1], visible[:, 0, :, -1] > 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

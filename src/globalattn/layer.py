@@ -8,7 +8,6 @@ from torch import nn
 from globalattn import checks
 from globalattn.api import attention_weights, global_attention
 from globalattn.cache import PooledKVCache
-from globalattn.distributed import context_parallel_attention
 
 
 class GlobalAttention(nn.Module):
@@ -108,15 +107,8 @@ class GlobalAttention(nn.Module):
         batch, seq_len, _ = x.shape
         key_mask = None
         if key_padding_mask is not None:
-            if (
-                not isinstance(key_padding_mask, torch.Tensor)
-                or key_padding_mask.dtype != torch.bool
-                or tuple(key_padding_mask.shape) != (batch, seq_len)
-            ):
-                raise ValueError(
-                    f"key_padding_mask must be a bool tensor of shape (B, T) = {(batch, seq_len)} (True = padding), "
-                    f"got {checks.describe(key_padding_mask)}"
-                )
+            checks.bool_mask("key_padding_mask", key_padding_mask, (batch, seq_len), x.device, layout="(B, T)",
+                             meaning="True = padding")  # fmt: skip
             key_mask = ~key_padding_mask
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -128,6 +120,8 @@ class GlobalAttention(nn.Module):
             cache.update(k, v)
             out = cache.attend(q, block_size=self.block_size, key_mask=key_mask)
         elif self.context_parallel_group is not None:
+            from globalattn.distributed import context_parallel_attention  # torch.distributed, only when used
+
             group = self.context_parallel_group
             out = context_parallel_attention(q, k, v, self.block_size, group=group, dropout_p=dropout_p, **options)
         else:

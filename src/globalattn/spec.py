@@ -1,4 +1,4 @@
-"""The contract of SPEC.md in one place: blocks, global tokens, and who sees what.
+"""The contract of docs/semantics.md in code: blocks, global tokens, and who sees what.
 
 Every backend builds on these helpers, so that the rules below are written exactly once:
 
@@ -129,28 +129,10 @@ def global_visible(query_block: torch.Tensor, global_block: torch.Tensor, causal
     return torch.ones_like(global_block == query_block)
 
 
-def attended_pairs(seq_len: int, block_size: int, *, causal: bool, remainder: str) -> tuple[int, int]:
-    """(local, global) query-key pairs scored for a full sequence (L = S, no padding, scope "all").
-
-    Each pair costs ``4 * head_dim`` multiply-add FLOPs per head forward (a score and a weighted
-    value), the count SPEC.md's "Cost" section uses; dense attention scores S * S pairs (causal:
-    S * (S + 1) / 2).
-    """
-    starts, ends = block_starts_and_ends(seq_len, block_size, remainder)
-    sizes = (ends - starts).tolist()
-    if causal:  # own block up to the query; complete earlier blocks
-        local = sum(n * (n + 1) // 2 for n in sizes)
-        glob = sum(n * j for j, n in enumerate(sizes))
-    else:
-        local = sum(n * n for n in sizes)
-        glob = seq_len * len(sizes)
-    return local, glob
-
-
 def select_top_blocks(
     global_scores: torch.Tensor, candidate: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing (SPEC's ``top_blocks``): each query's k candidate blocks with the highest score.
+    """Routing (docs/semantics.md, "Routing to the top blocks"): each query's k candidate blocks with the highest score.
 
     global_scores (..., G) the query's scores against the global tokens; candidate (..., G) bool,
     broadcastable: the global tokens it may see, its own block excluded.  Ties go to the lower
@@ -174,22 +156,6 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.T
     weights = torch.softmax(scores, dim=-1) * row_has_any
     lse = torch.logsumexp(scores, dim=-1).masked_fill(~row_has_any[..., 0], float("-inf"))
     return weights, lse
-
-
-def merge_attentions(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two attentions of the same queries over disjoint key sets, as one softmax over both.
-
-    out (..., L, Dv) and lse (..., L) each, ``-inf`` where a row saw nothing of that set.  Returns
-    (out, lse) in float32 or better; a row empty in both stays zero, with zero (not NaN) gradients.
-    """
-    dtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
-    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
-    shift = finite_or_zero(torch.maximum(lse_a, lse_b))
-    weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)  # each set's unnormalised share
-    total = weight_a + weight_b
-    safe_total = torch.where(total > 0, total, torch.ones_like(total))
-    out = out_a.to(dtype) * (weight_a / safe_total)[..., None] + out_b.to(dtype) * (weight_b / safe_total)[..., None]
-    return out, shift + torch.log(total)
 
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -32,20 +32,40 @@ CHUNK_ELEMENTS = 1 << 20
 LOG2_E, LN_2 = math.log2(math.e), math.log(2.0)
 
 
-def blocked_attention(
-    query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p
-):
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+def unsupported(query, key, value, options) -> None:
+    return None  # the whole contract
+
+
+def attention(query, key, value, options):
+    (key_global, value_global), present = spec.pool_blocks(
+        (key, value), options.block_size, options.remainder, options.key_mask
+    )
+    if options.extra_global_tokens is not None:
+        # Tokens from outside the call are global columns ahead of the call's own (blocks -T .. -1,
+        # before every block here); their gradients flow back through the concatenation.
+        extra_key, extra_value, extra_present = options.extra_global_tokens
+        key_global, value_global = torch.cat([extra_key, key_global], 2), torch.cat([extra_value, value_global], 2)
+        present = torch.cat([extra_present, present], dim=1)
     # Dropout draws its masks from one seed per call, taken from torch's generator (so that
     # torch.manual_seed reproduces a run) and replayed by the backward.
-    seed = torch.randint(2**62, (1,)) if dropout_p > 0 else None
-    options = (block_size, causal, scope, remainder, scale, top_blocks, dropout_p)
-    return _forward_op(query, key, value, key_global, value_global, present, key_mask, seed, *options)
+    seed = torch.randint(2**62, (1,)) if options.dropout_p > 0 else None
+    flags = (
+        options.block_size,
+        options.causal,
+        options.scope,
+        options.remainder,
+        options.scale,
+        options.top_blocks,
+        options.dropout_p,
+        options.num_extra,
+    )
+    return _forward_op(query, key, value, key_global, value_global, present, options.key_mask, seed, *flags)
 
 
 def _plan(
-    query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale, top_blocks, dropout_p
-):
+    query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale, top_blocks, dropout_p,
+    num_extra,
+):  # fmt: skip
     """The options and chunks of one call (forward and backward plan the same)."""
     starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)  # planned on the CPU
     return _Options(
@@ -58,9 +78,10 @@ def _plan(
         query_offset=key.shape[2] - query.shape[2],
         key_mask=key_mask,
         present=present,
+        num_extra=num_extra,
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
-        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks),
+        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra),
     )
 
 
@@ -79,7 +100,7 @@ class _Chunk:
     real_keys: torch.Tensor  # the real key positions, in tile order
     row_span: slice | None  # real_rows as a slice when they are consecutive and unpadded
     key_span: slice | None  # likewise for real_keys
-    global_cols: slice  # the global tokens any of its queries may see
+    global_cols: slice  # the global columns (extra tokens first) any of its queries may see
 
 
 @dataclass(frozen=True)
@@ -92,13 +113,14 @@ class _Options:
     seed: int  # dropout: chunk i draws from seed + i, in forward and again in backward
     query_offset: int  # query row i sits at position query_offset + i
     key_mask: torch.Tensor | None  # (B, S) bool
-    present: torch.Tensor  # (B, G) bool: block has a real token
+    present: torch.Tensor  # (B, T + G) bool: the global token exists (its block has a real token)
+    num_extra: int  # T: global columns 0 .. T-1 hold tokens from outside the call, column T + j block j
     block_starts: torch.Tensor  # (G,) first position of each block
     block_ends: torch.Tensor  # (G,) one past its last position
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks) -> list[_Chunk]:
+def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra) -> list[_Chunk]:
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     if batch * q_heads * q_len == 0:
@@ -108,28 +130,30 @@ def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks) -> 
     # Per query row: scores against the global tokens and, when routing, the routed keys' scores
     # plus their gathered keys and values.
     routed = min(top_blocks, num_global) * int((ends - starts).max())
-    per_row = num_global + routed * (1 + key.shape[-1] + value.shape[-1])
+    per_row = num_extra + num_global + routed * (1 + key.shape[-1] + value.shape[-1])
     q_start = starts.clamp(min=offset)  # each block's first query position
     blocks = torch.nonzero(ends > q_start)[:, 0]  # the blocks that hold queries
     width = int((ends - starts)[blocks].max())
     per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * width * (width + per_row)))
     chunks = [
-        _make_chunk(index, tile_blocks, q_start - offset, ends - offset, starts, ends, causal, scope, num_global)
+        _make_chunk(
+            index, tile_blocks, q_start - offset, ends - offset, starts, ends, causal, scope, num_global, num_extra
+        )  # fmt: skip
         for index, tile_blocks in enumerate(blocks.split(per_chunk))
     ]
     device = query.device
     return [_to_device(chunk, device) for chunk in chunks]
 
 
-def _make_chunk(index, blocks, row_start, row_end, key_start, key_end, causal, scope, num_global) -> _Chunk:
+def _make_chunk(index, blocks, row_start, row_end, key_start, key_end, causal, scope, num_global, num_extra):
     query_rows, query_real = _tile(row_start[blocks], row_end[blocks])
     key_pos, key_real = _tile(key_start[blocks], key_end[blocks])
     if causal:
-        global_cols = slice(0, int(blocks.max()))  # a query in block c sees blocks j < c
-    elif scope == "own":
+        global_cols = slice(0, num_extra + int(blocks.max()))  # a query in block c sees blocks j < c
+    elif scope == "own":  # (never with extra tokens)
         global_cols = slice(int(blocks.min()), int(blocks.max()) + 1)
     else:
-        global_cols = slice(0, num_global)
+        global_cols = slice(0, num_extra + num_global)
     real_rows, real_keys = query_rows[query_real], key_pos[key_real]
     return _Chunk(
         index=index,
@@ -190,9 +214,10 @@ def _forward_op(
     scale: float,
     top_blocks: int,
     dropout_p: float,
+    num_extra: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p)  # fmt: skip
+                    top_blocks, dropout_p, num_extra)  # fmt: skip
     out, lse = _empty_outputs(query, value)  # every row is written by the one tile that holds it
     for chunk in options.chunks:
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
@@ -239,9 +264,10 @@ def _backward_op(
     scale: float,
     top_blocks: int,
     dropout_p: float,
+    num_extra: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p)  # fmt: skip
+                    top_blocks, dropout_p, num_extra)  # fmt: skip
     inputs = (query, key, value, key_global, value_global)
     grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in inputs]
     grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
@@ -272,7 +298,7 @@ def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. dropout_p)
+    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. num_extra)
     ctx.save_for_backward(*tensors, *output)
 
 
@@ -378,7 +404,8 @@ class _ChunkTiles:
         """(B, n, 1, Gv): the global tokens each tile's queries may see (routing: not their own)."""
         chunk, options = self.chunk, self.options
         block = chunk.blocks[:, None]  # (n, 1)
-        global_block = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols][None]
+        columns = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols]
+        global_block = (columns - options.num_extra)[None]  # extra tokens: negative, before every block
         seen = spec.global_visible(block, global_block, options.causal, options.scope)  # (n, Gv)
         if exclude_own:
             seen = seen & (global_block != block)
@@ -391,7 +418,7 @@ class _ChunkTiles:
             tile.masked_fill_(~seen[:, None, :, None], float("-inf"))
 
     def _route(self, key, value):
-        """Each row's top blocks (SPEC's ``top_blocks``), their keys and values gathered per row."""
+        """Each row's top blocks (``top_blocks``), their keys and values gathered per row."""
         options = self.options
         candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B, 1, n, 1, 1, Gv)
         scores = self.global_scores.view(*self.global_scores.shape[:3], self.group, self.q_width, -1)
@@ -443,7 +470,7 @@ class _ChunkTiles:
         row_max = spec.finite_or_zero(scores.amax(-1, keepdim=True))
         probs = scores.sub_(row_max).exp2_()
         total = probs.sum(-1, keepdim=True)
-        chunk_lse = (row_max + torch.log2(total))[..., 0] * LN_2  # natural log, as SPEC's lse
+        chunk_lse = (row_max + torch.log2(total))[..., 0] * LN_2  # natural log, as the contract's lse
         return probs.mul_(torch.where(total > 0, total, 1.0).reciprocal_()), chunk_lse
 
     def dropout_scale(self, shape):

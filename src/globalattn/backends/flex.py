@@ -2,8 +2,11 @@
 
 The keys are extended with the global tokens, and a block-sparse mask says who sees what::
 
-    columns   [ K (S keys) | pad to a tile | Kg (G block means) | pad to a tile ]   (N = S_pad + G_pad)
-    values    [ V          | zeros         | Vg                 | zeros         ]
+    columns   [ K (S keys) | pad to a tile | extra (T) ; Kg (G block means) | pad to a tile ]   (N = S_pad + G_pad)
+    values    [ V          | zeros         | extra (T) ; Vg                 | zeros         ]
+
+(the T ``extra_global_tokens`` of blocks outside the call, if any, lead the global columns as
+blocks -T .. -1, which every row may see).
 
     tiles for S = 12, b = 4, T = 4 (bidirectional, scope "all"): row tile r reads its block's key
     tile and the global tile; ``F`` full (no mask evaluated), ``P`` partial (mask evaluated per cell)
@@ -18,10 +21,10 @@ columns per row tile: the key tiles of the row tile's blocks, then the global ti
 no S x (S + G) mask is ever built and the mask works at 128k tokens and beyond.  A tile is "full"
 when every cell of it is provably visible: it lies inside the one block that all of the row tile's
 queries share (and, causal, before the first of them), or it holds complete earlier global tokens;
-with a ``key_mask`` nothing is provably visible, and every tile is partial.  Inside partial tiles
-the ``mask_mod`` applies SPEC.md's rules cell by cell, through ``spec.local_visible`` and
-``spec.global_visible``, from small per-row and per-column tables (O(S) memory, captured by the
-mask_mod).  The tile lists depend only on the shapes and options, so they are cached per
+with a ``key_mask`` or extra tokens nothing is provably visible, and every tile is partial.  Inside
+partial tiles the ``mask_mod`` applies the rules of docs/semantics.md cell by cell, through
+``spec.local_visible`` and ``spec.global_visible``, from small per-row and per-column tables (O(S)
+memory, captured by the mask_mod).  The tile lists depend only on the shapes and options, so they are cached per
 (shapes, options, device), the last 8 of them; with a key_mask only the (B, N) table of real
 columns is built per call.
 
@@ -40,8 +43,7 @@ Devices:
   grouped-query ratio and options (causal, scope, key_mask or not: each is a different mask_mod),
   and at first per shape: the first call compiles the forward kernel, the first backward the
   backward kernel, and a new sequence length makes dynamo recompile (after the first change, with
-  symbolic sizes).  How long compiling takes on a GPU has not been measured: none was available
-  when this backend was written.  Past ``torch._dynamo.config.recompile_limit`` recompilations
+  symbolic sizes).  Past ``torch._dynamo.config.recompile_limit`` recompilations
   dynamo stops compiling, and FlexAttention then runs unfused, with an L x N score matrix.
   float32 inputs follow torch's float32 matmul precision setting (TF32 when it is "high").
 - CPU: ``flex_attention`` runs eagerly, which materialises the whole L x N score matrix and ignores
@@ -70,11 +72,11 @@ _compiled_flex_attention = None  # torch.compile(flex_attention), created on the
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not on every call
 
 
-def attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
-    """SPEC.md's attention through FlexAttention: out (B, Hq, L, Dv), lse (B, Hq, L).
+def attention(query, key, value, options):
+    """docs/semantics.md's attention through FlexAttention: out (B, Hq, L, Dv), lse (B, Hq, L).
 
-    Arguments are validated and resolved by ``api.global_attention``; ``top_blocks`` and
-    ``dropout_p`` must be 0 (see ``unsupported``).
+    ``options`` are resolved by ``globalattn.options.resolve``; ``top_blocks`` and ``dropout_p``
+    must be 0 (see ``unsupported``).
     """
     batch, q_heads, q_len, _ = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
@@ -86,29 +88,41 @@ def attention(query, key, value, *, block_size, causal, scope, remainder, key_ma
 
     if not torch.is_grad_enabled():  # flex_attention refuses CPU inputs that require grad, even then
         query, key, value = query.detach(), key.detach(), value.detach()
+    block_size, remainder, key_mask, extra = (
+        options.block_size,
+        options.remainder,
+        options.key_mask,
+        options.extra_global_tokens,
+    )
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
-    plan = _plan(seq_len, q_len, block_size, remainder, causal, scope, key_mask is not None, TILE, query.device)
+    if extra is not None:  # tokens from outside the call: global columns ahead of the call's own
+        key_global, value_global = torch.cat([extra.key, key_global], 2), torch.cat([extra.value, value_global], 2)
+        present = torch.cat([extra.present, present], dim=1)
+    # With padding or extra tokens, whether a column exists differs per batch element.
+    masked = key_mask is not None or extra is not None
+    plan = _plan(seq_len, q_len, block_size, remainder, options.causal, options.scope, masked, options.num_extra,
+                 TILE, query.device)  # fmt: skip
     keys = _columns(key, key_global, plan)  # (B, Hkv, N, D)
     values = _columns(value, value_global, plan)  # (B, Hkv, N, Dv)
-    block_mask = plan.block_mask if key_mask is None else plan.with_real_columns(key_mask, present)
+    block_mask = plan.with_real_columns(key_mask, present) if masked else plan.block_mask
 
     out, aux = _flex_function(query.device)(
         query,
         keys,
         values,
         block_mask=block_mask,
-        scale=scale,
+        scale=options.scale,
         enable_gqa=q_heads != kv_heads,
         return_aux=AuxRequest(lse=True),
     )
     return out, aux.lse.to(lse_dtype)
 
 
-def unsupported(query, key, value, options: dict) -> str | None:
+def unsupported(query, key, value, options) -> str | None:
     """Why this backend cannot compute these inputs (a short reason), or None when it can."""
-    if options.get("top_blocks", 0) > 0:
+    if options.top_blocks > 0:
         return "top_blocks (routing to the top blocks) is not supported"
-    if options.get("dropout_p", 0.0) > 0:
+    if options.dropout_p > 0:
         return "dropout is not supported"
     device = query.device.type
     if device == "cpu":
@@ -152,20 +166,21 @@ def _columns(x: torch.Tensor, x_global: torch.Tensor, plan: _Plan) -> torch.Tens
 
 @dataclass(frozen=True)
 class _Plan:
+    seq_len: int  # S
     key_columns: int  # S_pad: the keys, padded to a multiple of the tile
-    global_columns: int  # G_pad: the global tokens, likewise
+    global_columns: int  # G_pad: the T + G global tokens (extra ones first), likewise
     tables: dict  # the mask_mod's per-row and per-column tables, on the device
     causal: bool
     scope: str
     block_mask: BlockMask  # for inputs without a key_mask
 
-    def with_real_columns(self, key_mask: torch.Tensor, present: torch.Tensor) -> BlockMask:
-        """The BlockMask for a batch with padding: the same tiles, and per batch element the real
-        columns (keys where key_mask is True, global tokens of blocks with a real token)."""
-        batch, seq_len = key_mask.shape
-        real = key_mask.new_zeros(batch, self.key_columns + self.global_columns)  # (B, N)
-        real[:, :seq_len] = key_mask
-        real[:, self.key_columns : self.key_columns + present.shape[1]] = present
+    def with_real_columns(self, key_mask: torch.Tensor | None, present: torch.Tensor) -> BlockMask:
+        """The BlockMask for a batch with padding or extra global tokens: the same tiles, and per
+        batch element the real columns (keys where key_mask is True, present global tokens)."""
+        batch, num_global = present.shape
+        real = present.new_zeros(batch, self.key_columns + self.global_columns)  # (B, N)
+        real[:, : self.seq_len] = True if key_mask is None else key_mask
+        real[:, self.key_columns : self.key_columns + num_global] = present
         tables = {**self.tables, "column_real": real}
         bm = self.block_mask
         return BlockMask(
@@ -184,19 +199,21 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=8)
-def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, tile, device) -> _Plan:
+def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile, device) -> _Plan:
     """Everything about one attention call that depends only on its shapes and options.
 
-    ``masked``: a key_mask will be given, so no tile can be proven full (padding may hide any key),
-    and the BlockMask from here serves only as a template for ``with_real_columns``.
+    ``masked``: which columns exist will be given per batch element (a key_mask, or extra global
+    tokens with their ``present``), so no tile can be proven full, and the BlockMask from here
+    serves only as a template for ``with_real_columns``.  ``num_extra``: T, global tokens from
+    outside the call, in the global columns ahead of the call's own.
     """
-    num_global = spec.num_blocks(seq_len, block_size, remainder)
+    num_global = num_extra + spec.num_blocks(seq_len, block_size, remainder)
     key_columns, global_columns = _round_up(seq_len, tile), _round_up(num_global, tile)
-    partial, full = _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, tile)
+    partial, full = _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile)
     num_tiles = (key_columns + global_columns) // tile
     kv_num_blocks, kv_indices = _as_kv_blocks(partial, num_tiles)
     full_kv_num_blocks, full_kv_indices = _as_kv_blocks(full, num_tiles) if full.any() else (None, None)
-    tables = _tables(seq_len, q_len, block_size, remainder, key_columns, num_global, global_columns, device)
+    tables = _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_global, global_columns, device)
     block_mask = BlockMask.from_kv_blocks(
         kv_num_blocks.to(device),
         kv_indices.to(device),
@@ -206,10 +223,10 @@ def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, tile, de
         mask_mod=_mask_mod(tables, causal, scope, batched=False),
         seq_lengths=(q_len, key_columns + global_columns),
     )
-    return _Plan(key_columns, global_columns, tables, causal, scope, block_mask)
+    return _Plan(seq_len, key_columns, global_columns, tables, causal, scope, block_mask)
 
 
-def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, tile):
+def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile):
     """Which column tiles each of the R = ceil(L / T) query-row tiles reads: (partial, full).
 
     Both select among the same (R, M) candidate tiles: a row tile's key tiles (those of its
@@ -219,7 +236,7 @@ def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, ti
     offset = seq_len - q_len  # query row i sits at position offset + i
     starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
     block_of = spec.block_index(seq_len, block_size, remainder)
-    num_global = starts.numel()
+    num_global = num_extra + starts.numel()  # global column u holds the token of block u - T
     row_tiles = torch.arange(_round_up(q_len, tile) // tile)
     first = offset + row_tiles * tile  # (R,) position of each row tile's first and last query
     last = offset + ((row_tiles + 1) * tile).clamp(max=q_len) - 1
@@ -235,11 +252,12 @@ def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, ti
     if causal:
         local_full &= (local + 1) * tile - 1 <= first[:, None]  # every key at or before every query
 
-    # Global tokens j in [u*T, min((u+1)*T, G)) of global tile u.
+    # Global columns j in [u*T, min((u+1)*T, T + G)) of global tile u; column j holds block j - T,
+    # so a rule "block < c" reads "column < c + T" (scope "own" never has extra tokens).
     global_tiles = torch.arange(_round_up(num_global, tile) // tile)
     j_lo, j_hi = global_tiles * tile, ((global_tiles + 1) * tile).clamp(max=num_global) - 1  # (Mg,) inclusive
     complete = ((global_tiles + 1) * tile <= num_global)[None]  # no padding column in the tile
-    c0, c1 = first_block[:, None], last_block[:, None]
+    c0, c1 = first_block[:, None] + num_extra, last_block[:, None] + num_extra
     if causal:  # j < c: some row sees a token of the tile iff j_lo < c1; all rows all of them iff j_hi < c0
         global_read, global_full = j_lo[None] < c1, (j_hi[None] < c0) & complete
     elif scope == "own":  # j == c
@@ -280,32 +298,37 @@ def _as_kv_blocks(selection: _Selection, num_tiles: int) -> tuple[torch.Tensor, 
     return counts[None, None], indices[None, None]
 
 
-def _tables(seq_len, q_len, block_size, remainder, key_columns, num_global, global_columns, device) -> dict:
+def _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_global, global_columns, device):
     """Per query row (L,) and per column (N,) int32/bool tables for the mask_mod.
 
     query_pos, query_block: position and block of each query row.  column_block: the block of a
-    key column, the block j of global column j, -1 for padding.  column_global: the column holds a
-    global token.  column_real: a real key or a present global token (no key_mask: not padding).
+    key column, the block j - T of global column j (negative for the T extra tokens).
+    column_global: the column holds a global token.  column_real: a key or a global token, not
+    padding (``with_real_columns`` replaces it per batch element).
     """
     block_of = spec.block_index(seq_len, block_size, remainder, device).to(torch.int32)
     query_pos = torch.arange(seq_len - q_len, seq_len, dtype=torch.int32, device=device)
     n = key_columns + global_columns
     column_block = torch.full((n,), -1, dtype=torch.int32, device=device)
     column_block[:seq_len] = block_of
-    column_block[key_columns : key_columns + num_global] = torch.arange(num_global, dtype=torch.int32, device=device)
+    global_blocks = torch.arange(-num_extra, num_global - num_extra, dtype=torch.int32, device=device)
+    column_block[key_columns : key_columns + num_global] = global_blocks
     column_global = torch.zeros(n, dtype=torch.bool, device=device)
     column_global[key_columns:] = True
+    column_real = torch.zeros(n, dtype=torch.bool, device=device)
+    column_real[:seq_len] = True
+    column_real[key_columns : key_columns + num_global] = True
     return dict(
         query_pos=query_pos,
         query_block=block_of[query_pos.long()],
         column_block=column_block,
         column_global=column_global,
-        column_real=column_block >= 0,
+        column_real=column_real,
     )
 
 
 def _mask_mod(tables: dict, causal: bool, scope: str, batched: bool):
-    """SPEC.md's visibility of (query row q_idx, column kv_idx), for FlexAttention.
+    """docs/semantics.md's visibility of (query row q_idx, column kv_idx), for FlexAttention.
 
     Key column kv_idx holds the key at position kv_idx; ``batched``: ``column_real`` is per batch
     element (B, N), from a key_mask.

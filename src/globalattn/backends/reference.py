@@ -1,8 +1,8 @@
-"""The reference backend: one dense score matrix over [the S keys ; the G global tokens].
+"""The reference backend: one dense score matrix over [the S keys ; the T + G global tokens].
 
-Slow and O(L * (S + G)) in memory, but explicit: it is the oracle that the fast backends are tested
-against and the source of the attention weights that ``attention_weights`` returns.  Computes in
-float32 (float64 for float64 inputs) and supports double backward.
+Slow and O(L * (S + T + G)) in memory, but explicit: it is the oracle that the fast backends are
+tested against and the source of the attention weights that ``attention_weights`` returns.
+Computes in float32 (float64 for float64 inputs) and supports double backward.
 """
 
 from __future__ import annotations
@@ -13,46 +13,60 @@ import torch.nn.functional as F
 from globalattn import spec
 
 
-def reference_weights(query, key, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks):
+def unsupported(query, key, value, options) -> None:
+    return None  # the whole contract
+
+
+def weights(query, key, options):
     """Attention weights (B, Hq, L, S + G), key columns first; rows that see nothing are zero."""
-    weights, _ = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
+    weights, _ = _weights_and_lse(query, key, options)
     return weights.to(query.dtype)
 
 
-def reference_attention(
-    query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p
-):
-    weights, lse = _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks)
-    if dropout_p > 0:
-        weights = F.dropout(weights, p=dropout_p)
-    (value_global,), _ = spec.pool_blocks((value,), block_size, remainder, key_mask)
-    values = _with_globals(value, value_global, query.shape[1]).to(weights.dtype)  # (B, Hq, S + G, Dv)
+def attention(query, key, value, options):
+    weights, lse = _weights_and_lse(query, key, options)
+    if options.dropout_p > 0:
+        weights = F.dropout(weights, p=options.dropout_p)
+    (value_global,), _ = spec.pool_blocks((value,), options.block_size, options.remainder, options.key_mask)
+    if options.extra_global_tokens is not None:
+        value_global = torch.cat([options.extra_global_tokens.value, value_global], dim=2)
+    values = _with_globals(value, value_global, query.shape[1]).to(weights.dtype)  # (B, Hq, S + T + G, Dv)
     return (weights @ values).to(query.dtype), lse
 
 
-def _weights_and_lse(query, key, block_size, causal, scope, remainder, key_mask, scale, top_blocks):
+def _weights_and_lse(query, key, options):
+    """Weights (B, Hq, L, S + T + G) over [keys ; extra global tokens ; the call's global tokens]."""
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    block_size, remainder, key_mask = options.block_size, options.remainder, options.key_mask
     (key_global,), present = spec.pool_blocks((key,), block_size, remainder, key_mask)  # (B, Hkv, G, D), (B, G)
-    keys = _with_globals(key, key_global, q_heads).to(compute_dtype)  # (B, Hq, S + G, D)
-    scores = scale * (query.to(compute_dtype) @ keys.transpose(-1, -2))  # (B, Hq, L, S + G)
-
     device = query.device
+    global_block = torch.arange(key_global.shape[2], device=device)
+    extra = options.extra_global_tokens
+    if extra is not None:
+        # Tokens from outside the call come first, as block -1: before every block of the call,
+        # which every rule lets every row see (causal: j < c; scope "all").
+        key_global = torch.cat([extra.key, key_global], dim=2)
+        present = torch.cat([extra.present, present], dim=1)
+        global_block = torch.cat([global_block.new_full((options.num_extra,), -1), global_block])
+    keys = _with_globals(key, key_global, q_heads).to(compute_dtype)  # (B, Hq, S + T + G, D)
+    scores = options.scale * (query.to(compute_dtype) @ keys.transpose(-1, -2))  # (B, Hq, L, S + T + G)
+
     key_block = spec.block_index(seq_len, block_size, remainder, device)  # (S,)
     key_pos = torch.arange(seq_len, device=device)
     query_pos = key_pos[seq_len - q_len :]  # bottom-right aligned queries
     query_block = key_block[query_pos]
-    global_block = torch.arange(key_global.shape[2], device=device)
+    causal = options.causal
     local = spec.local_visible(query_pos[:, None], key_pos[None], query_block[:, None], key_block[None], causal)
-    glob = spec.global_visible(query_block[:, None], global_block[None], causal, scope)  # (L, G)
+    glob = spec.global_visible(query_block[:, None], global_block[None], causal, options.scope)  # (L, T + G)
     real = torch.ones(batch, seq_len, dtype=torch.bool, device=device) if key_mask is None else key_mask
-    allowed = torch.cat([local, glob], -1)[None] & torch.cat([real, present], -1)[:, None]  # (B, L, S + G)
-    allowed = allowed[:, None]  # (B, 1, L, S + G), shared by all heads
-    if top_blocks:
+    allowed = torch.cat([local, glob], -1)[None] & torch.cat([real, present], -1)[:, None]  # (B, L, S + T + G)
+    allowed = allowed[:, None]  # (B, 1, L, S + T + G), shared by all heads
+    if options.top_blocks:  # (never with extra global tokens)
         # Routing: each query (and head) also sees the real keys of its top-scoring other blocks.
         candidate = allowed[..., seq_len:] & (global_block != query_block[:, None])  # (B, 1, L, G)
-        blocks, chosen = spec.select_top_blocks(scores[..., seq_len:], candidate, top_blocks)  # (B, Hq, L, k)
+        blocks, chosen = spec.select_top_blocks(scores[..., seq_len:], candidate, options.top_blocks)  # (B, Hq, L, k)
         routed = torch.zeros_like(scores[..., seq_len:], dtype=torch.bool).scatter_(-1, blocks, chosen)
         routed_keys = routed[..., key_block] & real[:, None, None, :]  # (B, Hq, L, S)
         allowed = allowed | torch.cat([routed_keys, torch.zeros_like(routed)], dim=-1)  # (B, Hq, L, S + G)

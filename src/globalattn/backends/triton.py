@@ -5,7 +5,7 @@ online softmax (exp2, scores in log2 units) first over the keys of the blocks it
 then over the G global tokens, read from the small pooled tensors (never concatenated with K).
 It stores the output and each row's log-sum-exp.  A tile may hold rows of several blocks (b <
 BLOCK_M) or part of one block; either way it visits the key range its rows' blocks span and the
-per-element visibility test of SPEC.md decides.
+per-element visibility test of docs/semantics.md decides.
 
 Backward recomputes the probabilities from the stored lse, as flash-attention does, in three
 kernels that write disjoint outputs (no atomics, so the result is deterministic):
@@ -25,7 +25,7 @@ Both directions are registered as custom ops (``globalattn::triton_forward`` / `
 ``torch.compile`` treats a call as one opaque node instead of breaking the graph.
 
 Coverage: float16, bfloat16 and float32 (fp32 accumulation; float32 matrix products in full
-precision, not TF32), head dims up to 256 (padded to a power of two), every option of SPEC.md
+precision, not TF32), head dims up to 256 (padded to a power of two), every option of docs/semantics.md
 except ``top_blocks`` and dropout.  On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set
 before globalattn is imported), which is how the test suite exercises them without a GPU; the
 interpreter cannot multiply bfloat16.
@@ -57,17 +57,21 @@ def unsupported(query, key, value, options) -> str | None:
         return f"dtype {query.dtype} is not supported (float16, bfloat16, float32)"
     if INTERPRETED and query.dtype == torch.bfloat16:
         return "the Triton interpreter cannot multiply bfloat16 (float16 and float32 run there)"
-    if options["top_blocks"]:
+    if options.top_blocks:
         return "top_blocks is not supported"
-    if options["dropout_p"] > 0:
+    if options.dropout_p > 0:
         return "dropout is not supported"
+    if options.extra_global_tokens is not None:
+        return "extra_global_tokens are not supported (its backward folds every global token into dK, dV)"
     if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims above {MAX_HEAD_DIM} are not supported (got D={query.shape[-1]}, Dv={value.shape[-1]})"
     return None
 
 
-def attention(query, key, value, *, block_size, causal, scope, remainder, key_mask, scale, top_blocks, dropout_p):
-    return _forward_op(query, key, value, key_mask, block_size, remainder, causal, scope == "own", scale)
+def attention(query, key, value, options):
+    own = options.scope == "own"
+    return _forward_op(query, key, value, options.key_mask, options.block_size, options.remainder, options.causal, own,
+                       options.scale)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "SCOPE_OWN", "HAS_MASK", "bloc
 
 
 # ---------------------------------------------------------------------------------------------
-# Who sees what (SPEC.md), on broadcastable index tensors: the same test in every kernel.
+# Who sees what (docs/semantics.md), on broadcastable index tensors: the same test in every kernel.
 
 
 @triton.jit

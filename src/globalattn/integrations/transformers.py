@@ -24,8 +24,6 @@ the cache builds on).  Details, supported models and limits: docs/huggingface.md
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import transformers
 from packaging.version import Version
@@ -33,6 +31,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
+from globalattn import checks
 from globalattn.api import global_attention
 from globalattn.cache import PooledKVCache
 
@@ -261,8 +260,7 @@ def _block_size(module, kwargs) -> int:
             f"(or pass {BLOCK_SIZE_KEY}=64 to from_pretrained, which stores it in the config), or pass "
             f"{BLOCK_SIZE_KEY}=64 to the model's forward"
         )
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"{BLOCK_SIZE_KEY} must be a positive int, got {size!r} (from {where})")
+    checks.positive_int(BLOCK_SIZE_KEY, size, f" (from {where})")
     return int(size)
 
 
