@@ -4,7 +4,9 @@
     python benchmarks/bench_cpu.py --quick    # a smoke run with small sizes
 
 Float32, B=1, H=8, D=64, b=128 by default.  For each sequence length, bidirectional and causal,
-forward and forward+backward: the median time of both, the speed-up, and the useful FLOP rate
+forward and forward+backward: the median time of global attention with the block rule, of global
+attention with a window of w raw keys (``--window``, default 128) and of dense SDPA, timed side by
+side; the speed-ups over dense, and the block rule's useful FLOP rate
 (``globalattn.cost``: forward 4 * D per attended pair and head, backward 2.5x forward, as
 flash-attention counts).  Then the extra peak memory of forward+backward, measured in a fresh
 process per point (peak RSS after minus before the call).  A correctness gate runs first: no speed
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--window", type=int, default=128, help="w of the window rows (global_attention(window=w))")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu.json")
     parser.add_argument("--measure-memory", nargs=4, metavar=("IMPL", "S", "CAUSAL", "PASS"), help=argparse.SUPPRESS)
@@ -56,7 +59,10 @@ def main() -> None:
     print(f"machine: {machine}; torch threads: {torch.get_num_threads()}\n")
 
     timings = []
-    header = f"{'S':>6} {'mode':>7} {'pass':>8} | {'global ms':>10} {'dense ms':>10} {'speed-up':>8} | {'GFLOP/s':>7}"
+    header = (
+        f"{'S':>6} {'mode':>7} {'pass':>8} | {'global ms':>10} {'window ms':>10} {'dense ms':>10} | "
+        f"{'global x':>8} {'window x':>8} | {'GFLOP/s':>7}"
+    )
     print(header + "\n" + "-" * len(header))
     for seq in args.seq:
         for causal in (False, True):
@@ -65,20 +71,21 @@ def main() -> None:
                 timings.append(row)
                 print(
                     f"{seq:>6} {'causal' if causal else 'bidir':>7} {which:>8} | {row['global_ms']:>10.1f} "
-                    f"{row['dense_ms']:>10.1f} {row['speedup']:>7.1f}x | {row['global_gflops']:>7.1f}"
+                    f"{row['window_ms']:>10.1f} {row['dense_ms']:>10.1f} | {row['speedup']:>7.1f}x "
+                    f"{row['window_speedup']:>7.1f}x | {row['global_gflops']:>7.1f}"
                 )
 
     memory = []
     print(f"\n{'S':>6} {'impl':>7} | {'extra peak MB (fwd+bwd, bidir)':>31} {'MB per 1k tokens':>17}")
     for seq in args.memory_seq:
-        for impl in ("global", "dense"):
+        for impl in ("global", "window", "dense"):
             if impl == "dense" and seq > args.dense_max:
                 continue
             extra = _measure_in_subprocess(args, impl, seq)
             memory.append({"seq": seq, "impl": impl, "extra_peak_bytes": extra})
             print(f"{seq:>6} {impl:>7} | {extra / 2**20:>31.1f} {extra / 2**20 / (seq / 1024):>17.2f}")
 
-    config = {k: getattr(args, k) for k in ("heads", "head_dim", "block_size")}
+    config = {k: getattr(args, k) for k in ("heads", "head_dim", "block_size", "window")}
     report = {"machine": machine, "dtype": "float32", "batch": 1, **config, "timings": timings, "memory": memory}
     common.write_json(args.out, report)
     print(f"\nwrote {args.out}")
@@ -90,8 +97,9 @@ def _inputs(args, seq, requires_grad):
 
 
 def _run(impl, args, q, k, v, causal, grad_out=None):
-    if impl == "global":
-        out = global_attention(q, k, v, args.block_size, causal=causal, backend="torch")
+    if impl in ("global", "window"):
+        window = args.window if impl == "window" else None
+        out = global_attention(q, k, v, args.block_size, causal=causal, window=window, backend="torch")
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if grad_out is not None:
@@ -103,16 +111,17 @@ def _correctness_gate(args) -> None:
     """Blocked against the dense reference backend, forward and backward, before any timing."""
     seq = 1000  # not a multiple of the block size on purpose
     for causal in (False, True):
-        inputs = [torch.randn(1, args.heads, seq, args.head_dim) for _ in range(4)]  # q, k, v, upstream gradient
-        options = dict(block_size=args.block_size, causal=causal)
-        blocked, reference = (
-            common.output_and_grads(partial(global_attention, **options, backend=backend), *inputs)
-            for backend in ("torch", "reference")
-        )
-        errors = common.max_abs_errors(blocked, reference)
-        if max(errors) > 1e-4:
-            sys.exit(f"correctness gate failed (causal={causal}): max errors out/dq/dk/dv = {errors}")
-    print("correctness gate: blocked == reference (forward and backward, bidirectional and causal)")
+        for window in (None, args.window):
+            inputs = [torch.randn(1, args.heads, seq, args.head_dim) for _ in range(4)]  # q, k, v, upstream gradient
+            options = dict(block_size=args.block_size, causal=causal, window=window)
+            blocked, reference = (
+                common.output_and_grads(partial(global_attention, **options, backend=backend), *inputs)
+                for backend in ("torch", "reference")
+            )
+            errors = common.max_abs_errors(blocked, reference)
+            if max(errors) > 1e-4:
+                sys.exit(f"correctness gate failed ({options}): max errors out/dq/dk/dv = {errors}")
+    print("correctness gate: blocked == reference (forward and backward, bidirectional and causal, block and window)")
 
 
 def _time_point(args, seq, causal, which) -> dict:
@@ -120,18 +129,21 @@ def _time_point(args, seq, causal, which) -> dict:
     grad_out = torch.randn_like(q) if which == "fwd+bwd" else None
     pairs = cost.attended_pairs(seq, args.block_size, causal=causal)
     flops = cost.attention_flops(pairs, args.head_dim, heads=args.heads, passes=which)
-    calls = {impl: (lambda impl=impl: _run(impl, args, q, k, v, causal, grad_out)) for impl in ("global", "dense")}
+    impls = ("global", "window", "dense")
+    calls = {impl: (lambda impl=impl: _run(impl, args, q, k, v, causal, grad_out)) for impl in impls}
     if seq > args.dense_max:
         del calls["dense"]
     seconds = common.median_seconds(calls, reps=7, budget_s=30.0)
-    global_s, dense_s = seconds["global"], seconds.get("dense", math.nan)
+    global_s, window_s, dense_s = seconds["global"], seconds["window"], seconds.get("dense", math.nan)
     return {
         "seq": seq,
         "causal": causal,
         "pass": which,
         "global_ms": global_s * 1e3,
+        "window_ms": window_s * 1e3,
         "dense_ms": dense_s * 1e3,
         "speedup": dense_s / global_s,
+        "window_speedup": dense_s / window_s,
         "useful_flops": flops,
         "global_gflops": flops / global_s / 1e9,
     }
@@ -140,6 +152,7 @@ def _time_point(args, seq, causal, which) -> dict:
 def _measure_in_subprocess(args, impl, seq) -> int:
     command = [sys.executable, __file__, "--measure-memory", impl, str(seq), "0", "fwd+bwd"]
     command += ["--heads", str(args.heads), "--head-dim", str(args.head_dim), "--block-size", str(args.block_size)]
+    command += ["--window", str(args.window)]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 

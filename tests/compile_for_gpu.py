@@ -42,9 +42,11 @@ def main() -> None:
     inputs = dict(Q=t, K=t, V=t, KG=t, VG=t, KEEP="*i8", PRESENT="*i8")
     grads = dict(DO=t, LSE2="*fp32", DELTA="*fp32")
     dims = dict(BLOCK_D=128, BLOCK_DV=128, DOT_PRECISION="tf32")
-    modes = {  # the two ends: every mask in play, and none (scope "all" without padding)
-        "causal-masked": dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, **dims),
-        "bidirectional": dict(CAUSAL=False, SCOPE_OWN=False, HAS_MASK=False, **dims),
+    modes = {  # the two ends, every mask in play and none (scope "all" without padding); and each with a window
+        "causal-masked": dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, HAS_WINDOW=False, **dims),
+        "bidirectional": dict(CAUSAL=False, SCOPE_OWN=False, HAS_MASK=False, HAS_WINDOW=False, **dims),
+        "causal-masked-window": dict(CAUSAL=True, SCOPE_OWN=False, HAS_MASK=True, HAS_WINDOW=True, **dims),
+        "bidirectional-window": dict(CAUSAL=False, SCOPE_OWN=False, HAS_MASK=False, HAS_WINDOW=True, **dims),
     }
     plan = {
         "forward": (kernels._forward_kernel, {**inputs, "DO": None, "LSE2": None, "DELTA": None, "OUT": t,

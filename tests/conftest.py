@@ -86,6 +86,7 @@ class Case:
     mask: str | None = None
     scale: float | None = None
     top_blocks: int = 0
+    window: int | None = None
 
     @property
     def resolved_remainder(self) -> str:
@@ -103,6 +104,8 @@ class Case:
             parts.append(f"scale{self.scale}")
         if self.top_blocks:
             parts.append(f"top{self.top_blocks}")
+        if self.window is not None:
+            parts.append(f"w{self.window}")
         return "-".join(parts)
 
     def replace(self, **changes) -> Case:
@@ -111,7 +114,12 @@ class Case:
     def options(self) -> dict:
         """Keyword arguments of ``global_attention`` / ``oracle.attention`` (key_mask apart)."""
         return dict(
-            causal=self.causal, scope=self.scope, remainder=self.remainder, scale=self.scale, top_blocks=self.top_blocks
+            causal=self.causal,
+            scope=self.scope,
+            remainder=self.remainder,
+            scale=self.scale,
+            top_blocks=self.top_blocks,
+            window=self.window,
         )
 
     def inputs(self, dtype=torch.float64, device="cpu", requires_grad=False):
@@ -140,7 +148,7 @@ class Case:
         """``global_attention`` of these inputs with this case's options; a test of a fused
         backend on inputs it does not cover (a dtype, an option) is skipped with its reason."""
         if backend in ("flex", "triton"):
-            chosen = {name: x for name, x in extra.items() if name in options.resolve.__kwdefaults__}
+            chosen = {name: x for name, x in extra.items() if name in options.NAMES}
             resolved = options.resolve(q, k, v, self.b, key_mask=key_mask, **self.options(), **chosen)
             reason = backends.get(backend).unsupported(q, k, v, resolved)
             if reason is not None:
@@ -199,6 +207,22 @@ GRID = [
     Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=64, causal=True),
     Case(B=2, Hq=2, Hkv=1, L=100, S=300, D=4, b=71, causal=True, mask="random"),
 ]
+# A sliding window of raw keys beside the global tokens (docs/semantics.md, "A sliding window of raw
+# keys"): windows shorter than, equal to and longer than b, w = 1, w >= S, both modes, L < S.
+WINDOW_GRID = [
+    SEED.replace(window=3),
+    SEED.replace(window=3, causal=True),
+    SEED.replace(window=5, causal=True, mask="random"),  # w = b
+    SEED.replace(window=8, mask="block"),  # w > b: three blocks' keys
+    SEED.replace(window=1, causal=True),  # a row sees only itself
+    SEED.replace(window=1, scope="own"),
+    SEED.replace(window=40),  # w >= S: every key
+    SEED.replace(window=40, causal=True, L=6),  # every earlier key, L < S
+    SEED.replace(window=4, causal=True, L=1, Hkv=1),  # decoding one token, GQA
+    ODD.replace(window=4, causal=True, mask="random"),
+    Case(B=2, Hq=2, Hkv=1, L=100, S=300, D=4, b=32, window=50, causal=True, mask="random"),
+]
+GRID += WINDOW_GRID
 
 
 def case_params(cases) -> list:

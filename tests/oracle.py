@@ -38,7 +38,18 @@ class Result:
 
 
 def attention(
-    query, key, value, block_size, *, causal=False, scope="all", remainder=None, key_mask=None, scale=None, top_blocks=0
+    query,
+    key,
+    value,
+    block_size,
+    *,
+    causal=False,
+    scope="all",
+    remainder=None,
+    key_mask=None,
+    scale=None,
+    top_blocks=0,
+    window=None,
 ):
     """docs/semantics.md's global-token attention, brute force in float64.  Same arguments as the library."""
     q, k, v = (x.detach().cpu().double().numpy() for x in (query, key, value))
@@ -72,7 +83,13 @@ def attention(
             p = seq_len - q_len + i
             c = block_of[p]
             for s in range(seq_len):
-                allowed[b, i, s] = block_of[s] == c and real[b, s] and (not causal or s <= p)
+                if window is None:  # the own block's keys
+                    local = block_of[s] == c and (not causal or s <= p)
+                elif causal:  # the w most recent positions, p included
+                    local = p - window < s <= p
+                else:
+                    local = abs(s - p) < window
+                allowed[b, i, s] = local and real[b, s]
             for j in range(num_global):
                 if causal:
                     sees = j < c
@@ -99,9 +116,12 @@ def attention(
             keys = np.concatenate([k[b, hk], key_global[b, hk]])  # (S + G, D)
             values = np.concatenate([v[b, hk], value_global[b, hk]])  # (S + G, Dv)
             for i in range(q_len):
-                cols = [col for col in range(seq_len + num_global) if allowed[b, i, col]]
-                cols += routed_columns(b, q[b, h, i], key_global[b, hk], allowed[b, i], block_of[seq_len - q_len + i])
-                cols.sort()
+                cols = {col for col in range(seq_len + num_global) if allowed[b, i, col]}
+                # The union: a routed token inside the row's window is one column, seen once.
+                cols |= set(
+                    routed_columns(b, q[b, h, i], key_global[b, hk], allowed[b, i], block_of[seq_len - q_len + i])
+                )
+                cols = sorted(cols)
                 if not cols:
                     continue  # nothing to see: zeros, lse -inf
                 scores = [scale * float(np.dot(q[b, h, i], keys[col])) for col in cols]

@@ -32,14 +32,14 @@ def padding(batch, length, block_size) -> torch.Tensor:
     return real
 
 
-def run_in_steps(cache, q, k, v, steps, block_size, key_mask=None) -> torch.Tensor:
+def run_in_steps(cache, q, k, v, steps, block_size, key_mask=None, window=None) -> torch.Tensor:
     """Feed the sequence ``steps`` positions at a time; the outputs of all steps, (B, Hq, S, Dv)."""
     outs, start = [], 0
     for n in steps:
         rows = slice(start, start + n)
         cache.update(k[:, :, rows], v[:, :, rows])
         mask = None if key_mask is None else key_mask[:, rows]
-        outs.append(cache.attend(q[:, :, rows], block_size=block_size, key_mask=mask))
+        outs.append(cache.attend(q[:, :, rows], block_size=block_size, window=window, key_mask=mask))
         start += n
     return torch.cat(outs, dim=2)
 
@@ -84,6 +84,31 @@ def test_any_split_gives_the_whole_sequence(length, block_size, cuts, masked, se
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    length=st.integers(1, 30),
+    block_size=st.integers(1, 9),
+    window=st.integers(1, 14),
+    cuts=st.lists(st.integers(1, 29), max_size=8),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_with_a_window_gives_the_whole_sequence(length, block_size, window, cuts, masked, seed):
+    """docs/semantics.md, "A sliding window of raw keys": the last w raw keys beside the pooled blocks."""
+    torch.manual_seed(seed)
+    q, k, v = sequence(batch=2, length=length)
+    points = sorted({c for c in cuts if c < length} | {0, length})
+    steps = [b - a for a, b in zip(points, points[1:])]
+    key_mask = (torch.rand(2, length) > 0.3) if masked else None
+    cache = PooledKVCache()
+    out = run_in_steps(cache, q, k, v, steps, block_size, key_mask, window)
+    expected = oracle.attention(q, k, v, block_size, causal=True, key_mask=key_mask, window=window).out
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    # O(w + b + S/b): raw positions from the block holding the first key the next window reaches.
+    assert cache.raw_key.shape[2] == length - max(0, length - window + 1) // block_size * block_size
+    assert cache.raw_key.shape[2] < window + block_size and cache.pooled_key.shape[2] == length // block_size
+
+
 def test_float32_steps_stay_within_rounding():
     q, k, v = sequence(length=40, dtype=torch.float32)
     out = run_in_steps(PooledKVCache(), q, k, v, [13] + [1] * 27, 8)
@@ -99,8 +124,8 @@ def test_cache_holds_the_current_block_and_one_token_per_finished_block(length):
     run_in_steps(cache, q, k, v, [min(5, length)] + [1] * (length - min(5, length)), block_size)
     current, finished = length % block_size, length // block_size
     assert cache.length == length
-    assert cache.block_key.shape == (batch, kv_heads, current, head_dim)
-    assert cache.block_value.shape == (batch, kv_heads, current, value_dim)
+    assert cache.raw_key.shape == (batch, kv_heads, current, head_dim)
+    assert cache.raw_value.shape == (batch, kv_heads, current, value_dim)
     assert cache.pooled_key.shape == (batch, kv_heads, finished, head_dim)
     assert cache.pooled_value.shape == (batch, kv_heads, finished, value_dim)
     entries = (current + finished) * batch * kv_heads * (head_dim + value_dim) * 8  # float64
@@ -179,7 +204,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="value must have key's"):
         cache.update(k[:, :, 3:], v[:, :, 4:])
     cache.update(k[:, :, 3:], v[:, :, 3:])
-    with pytest.raises(ValueError, match="block_size must stay 4"):
+    with pytest.raises(ValueError, match="block_size and window must stay 4 and None"):
         cache.attend(q[:, :, 3:], block_size=5)
 
 
@@ -221,9 +246,10 @@ def causal_layer(**kwargs) -> GlobalAttention:
     return GlobalAttention(E, 4, 3, num_kv_heads=2, causal=True, dtype=torch.float64, **kwargs).eval()
 
 
+@pytest.mark.parametrize("window", [None, 5], ids=["blocks", "window5"])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_layer_with_cache_gives_the_whole_sequence(batch_first):
-    layer = causal_layer(batch_first=batch_first)
+def test_layer_with_cache_gives_the_whole_sequence(batch_first, window):
+    layer = causal_layer(batch_first=batch_first, window=window)
     x = torch.randn(2, 17, E, dtype=torch.float64)  # (B, T, E)
     padded = torch.rand(2, 17) < 0.3  # True = padding
     seq_dim = 1 if batch_first else 0

@@ -95,6 +95,13 @@ CASES = [
     dict(scale=0.3, cuts=True),  # shards cut by hand, not by shard_range
     dict(causal=True, mask=True, cuts=True),
     dict(mask=True, chunk_elements=200),  # each rank's call cut into many chunks
+    # A window of raw keys: halos from the neighbours, whole blocks (w - 1 <= 5, the shortest shard).
+    dict(window=3),
+    dict(window=5, causal=True, mask=True),
+    dict(window=6, mask=True, remainder="separate"),
+    dict(window=4, scope="own"),  # halos, but no other rank's global token
+    dict(window=2, causal=True, cuts=True),
+    dict(window=6, mask=True, cuts=True),
 ]
 
 
@@ -116,6 +123,7 @@ def _check_case(rank: int, world_size: int, seed: int, case: dict) -> None:
     torch.manual_seed(seed)
     B, Hq, Hkv, S, D, Dv, b = (SHAPE[n] for n in ("B", "Hq", "Hkv", "S", "D", "Dv", "b"))
     options = dict(causal=case.get("causal", False), scope=case.get("scope", "all"), remainder=case.get("remainder"))
+    options["window"] = case.get("window")
     q = torch.randn(B, Hq, S, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, Hkv, S, D, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, Hkv, S, Dv, dtype=torch.float64, requires_grad=True)
@@ -177,6 +185,9 @@ def _check_refusals(rank: int, world_size: int) -> None:
     attend(cuts[:-2] + [S - 3, S], remainder="separate")  # a short separate last block is fine
     with pytest.raises(ValueError, match="takes no top_blocks"):
         attend(cuts, top_blocks=1)
+    if world_size > 2:  # rank 2's window would reach into rank 0's shard
+        with pytest.raises(ValueError, match="window=12 reaches past a neighbouring rank's shard"):
+            attend(cuts, window=12)
     with pytest.raises(ValueError, match="unknown option.*causl"):
         attend(cuts, causl=True)
     with pytest.raises(ValueError, match='remainder="merge" cannot be causal'):

@@ -180,7 +180,9 @@ def plan_for(case: Case, key_mask, tile: int):
     """The backend's plan and BlockMask (with this key_mask's real columns) for ``case``."""
     remainder = case.resolved_remainder
     masked = key_mask is not None
-    plan = flex._plan(case.S, case.L, case.b, remainder, case.causal, case.scope, masked, 0, tile, torch.device("cpu"))
+    plan = flex._plan(
+        case.S, case.L, case.b, remainder, case.causal, case.scope, masked, 0, case.window, tile, torch.device("cpu")
+    )
     if key_mask is None:
         return plan, plan.block_mask
     _, present = spec.pool_blocks((torch.zeros(case.B, 1, case.S, 1),), case.b, remainder, key_mask)

@@ -43,7 +43,9 @@ def by_hand(layer: GlobalAttention, x, key_padding_mask=None):
         heads(layer.v_proj, layer.num_kv_heads),
     )
     key_mask = None if key_padding_mask is None else ~key_padding_mask
-    options = dict(causal=layer.causal, scope=layer.scope, key_mask=key_mask, top_blocks=layer.top_blocks)
+    options = dict(
+        causal=layer.causal, scope=layer.scope, key_mask=key_mask, top_blocks=layer.top_blocks, window=layer.window
+    )
     ref = oracle.attention(q, k, v, layer.block_size, **options)
     merged = ref.out.transpose(1, 2).reshape(batch, length, layer.embed_dim)  # (B, T, E)
     return merged @ layer.out_proj.weight.T + layer.out_proj.bias, ref.weights
@@ -59,8 +61,22 @@ def by_hand(layer: GlobalAttention, x, key_padding_mask=None):
         dict(num_heads=2, block_size=20),
         dict(block_size=2, top_blocks=2),
         dict(block_size=2, top_blocks=1, causal=True, num_kv_heads=2),
+        dict(block_size=3, window=4),
+        dict(block_size=3, window=2, causal=True, num_kv_heads=2),
+        dict(block_size=3, window=3, causal=True, top_blocks=1),
     ],
-    ids=["mha", "gqa2", "gqa1-causal", "own-b4", "b_gt_T", "top2", "top1-causal-gqa2"],
+    ids=[
+        "mha",
+        "gqa2",
+        "gqa1-causal",
+        "own-b4",
+        "b_gt_T",
+        "top2",
+        "top1-causal-gqa2",
+        "w4",
+        "w2-causal-gqa2",
+        "w3-causal-top1",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padding"])
 def test_layer_equals_its_projections_through_the_oracle(options, masked):

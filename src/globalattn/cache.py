@@ -34,15 +34,18 @@ class PooledKVCache:
         window_key, window_value = cache.update(key, value)    # key (B, Hkv, L, D), value (B, Hkv, L, Dv)
         out = cache.attend(query, block_size=b)                # query (B, Hq, L, D) -> out (B, Hq, L, Dv)
 
-    ``out`` is the last L rows of ``global_attention(q, k, v, b, causal=True)`` over every position
-    appended so far.  ``update`` returns the window [current block ; new positions] (B, Hkv, r + L, ·),
-    for callers that hand keys to an attention function.  ``attend(key_mask=...)`` (B, L) bool marks
-    padding among the new positions (True = real), as ``global_attention``'s key_mask does.
+    ``out`` is the last L rows of ``global_attention(q, k, v, b, causal=True, window=w)`` over every
+    position appended so far.  ``update`` returns the window [raw positions ; new positions]
+    (B, Hkv, R + L, ·), for callers that hand keys to an attention function.  ``attend(key_mask=...)``
+    (B, L) bool marks padding among the new positions (True = real), as ``global_attention``'s
+    key_mask does.  ``block_size`` and ``window`` are fixed by the first ``attend``.
 
-    Held between steps (``r = S mod b`` positions of the current block, ``G = S // b`` finished blocks)::
+    Held between steps (``G = S // b`` finished blocks; ``R`` raw positions from ``raw_start``, the
+    first block that a next query's window reaches: without a window the current, unfinished block,
+    ``R = S mod b``; with one, ``R < w + b``)::
 
-        block_key, block_value   (B, Hkv, r, D), (B, Hkv, r, Dv)   the current, unfinished block
-        block_mask               (B, r) bool                        its real tokens
+        raw_key, raw_value       (B, Hkv, R, D), (B, Hkv, R, Dv)   the raw positions raw_start .. S - 1
+        raw_mask                 (B, R) bool                        their real tokens
         pooled_key, pooled_value (B, Hkv, G, D), (B, Hkv, G, Dv)   the mean of each finished block
         pooled_present           (B, G) bool                        the block had a real token
 
@@ -51,14 +54,16 @@ class PooledKVCache:
     >>> _ = cache.update(k[:, :, 7:], v[:, :, 7:]); step = cache.attend(q[:, :, 7:], block_size=3)
     >>> torch.allclose(step, global_attention(q, k, v, 3, causal=True)[:, :, 7:], atol=1e-6)
     True
-    >>> cache.length, cache.block_key.shape[2], cache.pooled_key.shape[2]     # 9 positions: 0 + 3 blocks
+    >>> cache.length, cache.raw_key.shape[2], cache.pooled_key.shape[2]     # 9 positions: 0 + 3 blocks
     (9, 0, 3)
     """
 
     def __init__(self):
         self.length = 0  # positions appended so far (S)
-        self.block_size: int | None = None  # fixed by the first attend
-        self.block_key = self.block_value = self.block_mask = None
+        self.block_size: int | None = None  # fixed by the first attend, as is the window
+        self.window: int | None = None
+        self.raw_start = 0  # position of raw_key[:, :, 0], a block boundary
+        self.raw_key = self.raw_value = self.raw_mask = None
         self.pooled_key = self.pooled_value = self.pooled_present = None
         self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # staged by update, consumed by attend
         self.pending = 0  # new positions staged by update and not yet attended
@@ -66,11 +71,11 @@ class PooledKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held between steps (every stored key, value and mask)."""
-        held = (self.block_key, self.block_value, self.block_mask, self.pooled_key, self.pooled_value)
+        held = (self.raw_key, self.raw_value, self.raw_mask, self.pooled_key, self.pooled_value)
         return sum(t.numel() * t.element_size() for t in (*held, self.pooled_present) if t is not None)
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage L new positions; returns the window [current block ; new] (B, Hkv, r + L, D) and (…, Dv)."""
+        """Stage L new positions; returns the window [raw positions ; new] (B, Hkv, R + L, D) and (…, Dv)."""
         if self.pending:
             raise RuntimeError(
                 f"update() was called again while {self.pending} positions await attend(): "
@@ -85,16 +90,16 @@ class PooledKVCache:
             )
         if key.shape[2] == 0:
             raise ValueError("key must hold at least one new position (L >= 1)")
-        if self.block_key is None:
+        if self.raw_key is None:
             self._start(key, value)
-        for name, new, held in (("key", key, self.block_key), ("value", value, self.block_value)):
+        for name, new, held in (("key", key, self.raw_key), ("value", value, self.raw_value)):
             if _layout(new) != _layout(held):
                 raise ValueError(
                     f"{name} must continue the cached sequence: (B, Hkv, ·, head_dim) = "
                     f"{(*held.shape[:2], '·', held.shape[3])}, {held.dtype} on {held.device}; "
                     f"got {checks.describe(new)}"
                 )
-        self._window = (torch.cat([self.block_key, key], dim=2), torch.cat([self.block_value, value], dim=2))
+        self._window = (torch.cat([self.raw_key, key], dim=2), torch.cat([self.raw_value, value], dim=2))
         self.pending = key.shape[2]
         self.length += key.shape[2]
         return self._window
@@ -104,19 +109,26 @@ class PooledKVCache:
         query: torch.Tensor,
         *,
         block_size: int,
+        window: int | None = None,
         key_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
         """Outputs (B, Hq, L, Dv) of the L staged positions, whose queries are ``query`` (B, Hq, L, D).
 
         Then folds every block completed by this step into one pooled key/value.  ``block_size``
-        must be the same at every step; ``key_mask`` (B, L) bool, True at the new real tokens.
+        and ``window`` must be the same at every step; ``key_mask`` (B, L) bool, True at the new
+        real tokens.
         """
         if not self.pending:
             raise RuntimeError("attend() needs update() first: it attends with the positions update() staged")
         checks.positive_int("block_size", block_size)
-        if self.block_size is not None and block_size != self.block_size:
-            raise ValueError(f"block_size must stay {self.block_size} (the cache's blocks), got {block_size}")
+        if window is not None:
+            checks.positive_int("window", window, " (or None: the own block's keys)")
+        if self.block_size is not None and (block_size, window) != (self.block_size, self.window):
+            raise ValueError(
+                f"block_size and window must stay {self.block_size} and {self.window} (the cache's), "
+                f"got {block_size} and {window}"
+            )
         batch, kv_heads, _, head_dim = self._window[0].shape
         dtype, device = self._window[0].dtype, self._window[0].device
         new = self.pending
@@ -134,24 +146,26 @@ class PooledKVCache:
         if key_mask is not None:
             checks.bool_mask("key_mask", key_mask, (batch, new), device, layout="(B, L)")
         new_mask = torch.ones(batch, new, dtype=torch.bool, device=query.device) if key_mask is None else key_mask
-        window_mask = torch.cat([self.block_mask, new_mask.to(self.block_mask.device)], dim=1)  # (B, r + L)
+        window_mask = torch.cat([self.raw_mask, new_mask.to(self.raw_mask.device)], dim=1)  # (B, R + L)
         # Garbage at padding positions must reach nothing, here and in the blocks kept for later steps.
         window_key, window_value = (spec.zero_padding(x, window_mask) for x in self._window)
 
         # The window starts on a block boundary, so it is cut into the same blocks as the whole
         # sequence; the finished blocks before it are global tokens every new query may see.
-        earlier_blocks = (self.pooled_key, self.pooled_value, self.pooled_present) if self.pooled_key.shape[2] else None
-        out = global_attention(query, window_key, window_value, block_size, causal=True, key_mask=window_mask,
-                               scale=scale, extra_global_tokens=earlier_blocks)  # fmt: skip
-        self.block_size, self.pending, self._window = block_size, 0, None
-        self._fold(window_key, window_value, window_mask, block_size)
+        before = self.raw_start // block_size
+        earlier_blocks = (self.pooled_key[:, :, :before], self.pooled_value[:, :, :before],
+                          self.pooled_present[:, :before]) if before else None  # fmt: skip
+        out = global_attention(query, window_key, window_value, block_size, causal=True, window=window,
+                               key_mask=window_mask, scale=scale, extra_global_tokens=earlier_blocks)  # fmt: skip
+        self.block_size, self.window, self.pending, self._window = block_size, window, 0, None
+        self._fold(window_key, window_value, window_mask)
         return out
 
     def index_batch(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (LongTensor), in that order: beam search reordering, selection, repeats."""
         if self.pending:
             raise RuntimeError("index_batch() between update() and attend(): finish the step first")
-        for name in ("block_key", "block_value", "block_mask", "pooled_key", "pooled_value", "pooled_present"):
+        for name in ("raw_key", "raw_value", "raw_mask", "pooled_key", "pooled_value", "pooled_present"):
             held = getattr(self, name)
             if held is not None:
                 setattr(self, name, held.index_select(0, index.to(held.device)))
@@ -161,24 +175,33 @@ class PooledKVCache:
     def _start(self, key, value) -> None:
         """Empty state with the batch, heads, head dims, dtype and device of the first keys/values."""
         batch, kv_heads = key.shape[:2]
-        self.block_key, self.pooled_key = (key.new_empty(batch, kv_heads, 0, key.shape[3]) for _ in range(2))
-        self.block_value, self.pooled_value = (value.new_empty(batch, kv_heads, 0, value.shape[3]) for _ in range(2))
-        self.block_mask, self.pooled_present = (key.new_ones(batch, 0, dtype=torch.bool) for _ in range(2))
+        self.raw_key, self.pooled_key = (key.new_empty(batch, kv_heads, 0, key.shape[3]) for _ in range(2))
+        self.raw_value, self.pooled_value = (value.new_empty(batch, kv_heads, 0, value.shape[3]) for _ in range(2))
+        self.raw_mask, self.pooled_present = (key.new_ones(batch, 0, dtype=torch.bool) for _ in range(2))
 
-    def _fold(self, window_key, window_value, window_mask, block_size) -> None:
-        """Pool the blocks this step completed; keep the rest of the window as the current block."""
-        done = window_key.shape[2] // block_size * block_size  # positions of the completed blocks
+    def _fold(self, window_key, window_value, window_mask) -> None:
+        """Pool the blocks this step completed; keep the raw positions a next query may see."""
+        b = self.block_size
+        finished = self.pooled_key.shape[2]  # blocks pooled before this step
+        first_new = finished * b - self.raw_start  # window offset of the first block not yet pooled
+        done = (window_key.shape[2] - first_new) // b * b  # positions of the blocks this step completed
         if done:
+            completed = slice(first_new, first_new + done)
             (key_means, value_means), present = spec.pool_blocks(
-                (window_key[:, :, :done], window_value[:, :, :done]), block_size, "separate", window_mask[:, :done]
+                (window_key[:, :, completed], window_value[:, :, completed]), b, "separate", window_mask[:, completed]
             )
             self.pooled_key = torch.cat([self.pooled_key, key_means], dim=2)
             self.pooled_value = torch.cat([self.pooled_value, value_means], dim=2)
             self.pooled_present = torch.cat([self.pooled_present, present], dim=1)
+        # Keep from the block that holds the first key a next query's window reaches (without a
+        # window: the current block), so that the next window starts on a block boundary too.
+        reach = self.length if self.window is None else max(0, self.length - self.window + 1)
+        keep = reach // b * b - self.raw_start
         # Copies, not views: a view would keep a long prompt's whole window alive.
-        self.block_key = window_key[:, :, done:].clone()
-        self.block_value = window_value[:, :, done:].clone()
-        self.block_mask = window_mask[:, done:].clone()
+        self.raw_key = window_key[:, :, keep:].clone()
+        self.raw_value = window_value[:, :, keep:].clone()
+        self.raw_mask = window_mask[:, keep:].clone()
+        self.raw_start += keep
 
 
 def _layout(x: torch.Tensor) -> tuple:

@@ -190,6 +190,8 @@ def _run_train(args: argparse.Namespace) -> int:
     except NonFiniteLoss as stop:
         print(f"{PROG}: error: {stop}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     final, model = summary["final"], config.model
     print(
         f"{config.task} {model.attention} T={model.context}: step {summary['step']}, validation "
@@ -197,6 +199,15 @@ def _run_train(args: argparse.Namespace) -> int:
         f"{summary['tokens_per_second']:.0f} tokens/s, {summary['keys_per_token']:.1f} keys/token"
     )
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, train() joined a process group: leave it before exiting, as torch asks (a
+    process that exits with a live gloo group can abort in its threads' teardown)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _task_options(given: list[str]) -> dict[str, int]:

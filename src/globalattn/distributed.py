@@ -60,8 +60,10 @@ def context_parallel_attention(
     positions; the last may end with the remainder (a longer merged block, or a short separate one).
     ``shard_sequence`` cuts tensors this way.  An empty shard, or one cut inside a block, is refused
     with a ValueError on every rank.  ``options`` are the keyword options of ``global_attention``
-    (causal, scope, remainder, key_mask, scale, dropout_p), all ranks passing the same; not
-    ``top_blocks`` (it would read other ranks' raw tokens) nor ``extra_global_tokens``.
+    (causal, scope, remainder, key_mask, scale, window, dropout_p), all ranks passing the same; not
+    ``top_blocks`` (it would read other ranks' raw tokens) nor ``extra_global_tokens``.  With
+    ``window=w`` each rank also receives the raw keys its queries' windows reach on its neighbours
+    (a halo of fewer than w + b positions a side, which must lie within the neighbour's shard).
 
     Returns (B, Hq, n, Dv): this rank's slice of ``global_attention`` on the whole sequence, with the
     gradients of the whole-sequence computation flowing back to every rank's inputs.
@@ -75,10 +77,76 @@ def context_parallel_attention(
             raise ValueError(f"context_parallel_attention takes no {name}: it would read other ranks' raw tokens")
     resolved = resolve(query, key, value, block_size, **options)
     _check_whole_blocks(lengths, block_size, resolved.remainder)
-    if resolved.scope == "own" or len(lengths) == 1:  # no other rank's global token is visible
+    if len(lengths) == 1:
         return global_attention(query, key, value, block_size, **options)
-    others = _gather_visible_global_tokens(key, value, block_size, resolved, lengths, group)
-    return global_attention(query, key, value, block_size, extra_global_tokens=others, **options)
+    # The user's block size and window: the resolved ones are clamped to this shard's length.
+    reach = _Reach.of(lengths, dist.get_rank(group), block_size, resolved.remainder, resolved.causal,
+                      options.get("window"))  # fmt: skip
+    others = None
+    if resolved.scope != "own":  # scope "own" sees no other block's global token
+        others = _gather_visible_global_tokens(key, value, block_size, resolved, lengths, reach, group)
+    key_mask = options.pop("key_mask", None)
+    if reach.exchanges_halos:
+        key, value, key_mask = _with_halos(key, value, key_mask, reach, group)
+        # Keys now run past the shard (bidirectional windows): the queries must be the call's last
+        # rows, so zero queries stand in for those positions, and their rows are dropped.
+        query = torch.cat([query, query.new_zeros(*query.shape[:2], reach.right, query.shape[3])], dim=2)
+    out = global_attention(query, key, value, block_size, key_mask=key_mask, extra_global_tokens=others, **options)
+    return out[:, :, : lengths[dist.get_rank(group)]]
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """What one rank's call spans: its shard, extended by the raw keys its windows reach on the
+    neighbouring ranks to whole blocks (the halos), and what it sends them of its own."""
+
+    left: int  # positions before the shard in the call (the previous rank's last ones)
+    right: int  # positions after it (the next rank's first ones; causal: none)
+    send_tail: int  # this shard's last positions that the next rank's call holds
+    send_head: int  # its first positions that the previous rank's call holds
+    first_block: int  # global index of the call's first block
+    end_block: int  # one past its last block
+    sent: tuple[int, ...]  # positions every rank sends (its tail for the next rank, then its head)
+
+    @staticmethod
+    def of(lengths: list[int], rank: int, block_size: int, remainder: str, causal: bool, window: int | None) -> _Reach:
+        """Computed alike on every rank, from every rank's shard length."""
+        seq_len = sum(lengths)
+        block_starts, block_ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+        block_of = spec.block_index(seq_len, block_size, remainder)
+        shard_starts = [sum(lengths[:r]) for r in range(len(lengths))]
+        spans = []  # (call start, call end) of every rank
+        for r, (start, n) in enumerate(zip(shard_starts, lengths)):
+            end = start + n
+            if window is None:
+                spans.append((start, end))
+                continue
+            lo = int(block_starts[block_of[max(0, start - window + 1)]])
+            hi = end if causal else int(block_ends[block_of[min(seq_len, end + window - 1) - 1]])
+            if (r > 0 and lo < shard_starts[r - 1]) or (r + 1 < len(lengths) and hi > end + lengths[r + 1]):
+                raise ValueError(
+                    f"window={window} reaches past a neighbouring rank's shard (shard lengths by rank: {lengths}): "
+                    "context parallelism exchanges halos with the neighbours only; use a smaller window or fewer ranks"
+                )
+            spans.append((lo, hi))
+        ends = [a + n for a, n in zip(shard_starts, lengths)]
+        tails = [end - next_lo for end, (next_lo, _) in zip(ends, spans[1:])] + [0]
+        heads = [0] + [prev_hi - start for (_, prev_hi), start in zip(spans, shard_starts[1:])]
+        (lo, hi), start, end = spans[rank], shard_starts[rank], ends[rank]
+        return _Reach(
+            left=start - lo,
+            right=hi - end,
+            send_tail=tails[rank],
+            send_head=heads[rank],
+            first_block=int(block_of[lo]),
+            end_block=int(block_of[hi - 1]) + 1,
+            sent=tuple(t + h for t, h in zip(tails, heads)),
+        )
+
+    @property
+    def exchanges_halos(self) -> bool:
+        """Some rank's call holds another rank's positions."""
+        return any(self.sent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,27 +293,47 @@ def _check_whole_blocks(lengths: list[int], block_size: int, remainder: str) -> 
         )
 
 
-def _gather_visible_global_tokens(key, value, block_size, resolved, lengths, group):
-    """The global tokens of the other ranks that this rank's queries may see.
+def _gather_visible_global_tokens(key, value, block_size, resolved, lengths, reach, group):
+    """The global tokens of the blocks outside this rank's call that its queries may see: earlier
+    ones when causal, all of them when bidirectional.
 
     Returns keys (B, Hkv, T, D), values (B, Hkv, T, Dv) and present (B, T) bool (False: a block
     without a real token).  Every rank gathers every rank's tokens, so that the collective (and
     its backward) runs on all of them even when a rank sees none (causal rank 0).
     """
-    # The caller's block_size, not the resolved one: that is clamped to this shard's length, and
-    # every rank must count every rank's blocks alike.
     remainder = resolved.remainder
     (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, resolved.key_mask)
-    batch, kv_heads, own_blocks, head_dim = key_global.shape
-    # One collective for all three: presence rides along as a 0/1 channel (exact in any float dtype).
-    presence = present[:, None, :, None].expand(batch, kv_heads, own_blocks, 1).to(key_global.dtype)
-    packed = torch.cat([key_global, value_global, presence], dim=-1)  # (B, Hkv, G_rank, D + Dv + 1)
     blocks = [spec.num_blocks(n, block_size, remainder) for n in lengths]
-    tokens = _all_gather_uneven(packed, 2, blocks, group)  # (B, Hkv, G, D + Dv + 1)
-    first = sum(blocks[: dist.get_rank(group)])  # this rank's first block
-    earlier, later = tokens[:, :, :first], tokens[:, :, first + own_blocks :]
+    tokens = _all_gather_uneven(_pack(key_global, value_global, present), 2, blocks, group)  # (B, Hkv, G, D + Dv + 1)
+    earlier, later = tokens[:, :, : reach.first_block], tokens[:, :, reach.end_block :]
     visible = earlier if resolved.causal else torch.cat([earlier, later], dim=2)  # (B, Hkv, T, D + Dv + 1)
-    return GlobalTokens(visible[..., :head_dim], visible[..., head_dim:-1], visible[:, 0, :, -1] > 0.5)
+    return GlobalTokens(*_unpack(visible, key.shape[-1]))
+
+
+def _with_halos(key, value, key_mask, reach, group):
+    """[previous rank's last ``reach.left`` ; this shard ; next rank's first ``reach.right``] of the
+    keys, the values and the mask, in one differentiable collective."""
+    shard_len = key.shape[2]
+    mask = torch.ones(key.shape[0], shard_len, dtype=torch.bool, device=key.device) if key_mask is None else key_mask
+    packed = _pack(key, value, mask)  # (B, Hkv, n, D + Dv + 1)
+    sent = torch.cat([packed[:, :, shard_len - reach.send_tail :], packed[:, :, : reach.send_head]], dim=2)
+    pieces = _all_gather_uneven(sent, 2, list(reach.sent), group).split(reach.sent, dim=2)
+    rank, nothing = dist.get_rank(group), packed[:, :, :0]
+    left = pieces[rank - 1][:, :, : reach.left] if rank > 0 else nothing  # the previous rank's tail
+    right = pieces[rank + 1][:, :, reach.sent[rank + 1] - reach.right :] if rank + 1 < len(pieces) else nothing
+    key, value, mask = _unpack(torch.cat([left, packed, right], dim=2), key.shape[-1])
+    return key, value, (None if key_mask is None else mask)
+
+
+def _pack(key, value, mask):
+    """(B, Hkv, N, D), (B, Hkv, N, Dv), (B, N) bool -> one (B, Hkv, N, D + Dv + 1) tensor, for one
+    collective; the mask rides along as a 0/1 channel (exact in any float dtype)."""
+    flag = mask[:, None, :, None].expand(*key.shape[:3], 1).to(key.dtype)
+    return torch.cat([key, value, flag], dim=-1)
+
+
+def _unpack(packed, head_dim: int):
+    return packed[..., :head_dim], packed[..., head_dim:-1], packed[:, 0, :, -1] > 0.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ class GlobalAttention(nn.Module):
 
     Each token attends to the tokens of its own block (``block_size`` tokens) and to one global
     token (the mean key/value) per block; see ``global_attention``.  ``num_kv_heads`` below
-    ``num_heads`` gives grouped-query attention.
+    ``num_heads`` gives grouped-query attention; ``window=w`` replaces the own block's tokens by
+    the w nearest (causal: the w most recent), LongT5's local + global pattern.
 
     >>> layer = GlobalAttention(64, 4, block_size=8, causal=True)
     >>> out, _ = layer(torch.randn(2, 100, 64))         # (B, T, E) with batch_first=True
@@ -43,6 +44,7 @@ class GlobalAttention(nn.Module):
         causal: bool = False,
         scope: str = "all",
         top_blocks: int = 0,
+        window: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
         batch_first: bool = True,
@@ -61,12 +63,15 @@ class GlobalAttention(nn.Module):
         checks.positive_int("block_size", block_size)
         checks.mode(causal, scope)
         checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
+        if window is not None:
+            checks.positive_int("window", window, " (or None: the own block's keys)")
         if context_parallel_group is not None and top_blocks:
             raise ValueError("top_blocks is not available with context_parallel_group (it reads other ranks' tokens)")
         checks.probability("dropout", dropout)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.block_size, self.causal, self.scope, self.top_blocks = block_size, causal, scope, top_blocks
+        self.window = window
         # Context parallelism: x (and key_padding_mask) hold this rank's shard of the sequence,
         # whole blocks (globalattn.distributed.shard_sequence); ranks exchange only the global tokens.
         self.context_parallel_group = context_parallel_group
@@ -113,12 +118,12 @@ class GlobalAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        options = dict(causal=self.causal, scope=self.scope, key_mask=key_mask)
+        options = dict(causal=self.causal, scope=self.scope, window=self.window, key_mask=key_mask)
         routing = dict(top_blocks=self.top_blocks)
         dropout_p = self.dropout if self.training else 0.0
         if cache is not None:
             cache.update(k, v)
-            out = cache.attend(q, block_size=self.block_size, key_mask=key_mask)
+            out = cache.attend(q, block_size=self.block_size, window=self.window, key_mask=key_mask)
         elif self.context_parallel_group is not None:
             from globalattn.distributed import context_parallel_attention  # torch.distributed, only when used
 
@@ -148,5 +153,5 @@ class GlobalAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"block_size={self.block_size}, causal={self.causal}, scope={self.scope!r}, top_blocks={self.top_blocks}, "
-            f"dropout={self.dropout}"
+            f"window={self.window}, dropout={self.dropout}"
         )

@@ -40,6 +40,7 @@ class AttentionOptions:
     key_mask: torch.Tensor | None  # (B, S) bool, True at real tokens
     scale: float
     top_blocks: int = 0
+    window: int | None = None  # w: local keys are the raw positions within w of the query, not its block
     dropout_p: float = 0.0
     # Kept even when empty (T = 0): the gradient of a context-parallel all-gather must reach every
     # rank's backward, causal rank 0's too, whose queries see none of the other ranks' tokens.
@@ -72,6 +73,7 @@ def _resolve(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     top_blocks: int = 0,
+    window: int | None = None,
     dropout_p: float = 0.0,
     extra_global_tokens=None,
 ) -> AttentionOptions:
@@ -100,6 +102,8 @@ def _resolve(
     if key_mask is not None:
         checks.bool_mask("key_mask", key_mask, (batch, seq_len), query.device)
     checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
+    if window is not None:
+        checks.positive_int("window", window, " (or None: the own block's keys)")
     checks.probability("dropout_p", dropout_p)
     extra = _check_extra_global_tokens(extra_global_tokens, key, value, scope, top_blocks)
     return AttentionOptions(
@@ -112,6 +116,8 @@ def _resolve(
         key_mask=key_mask,
         scale=checks.scale(scale, head_dim),
         top_blocks=int(top_blocks),
+        # A window longer than the sequence sees what w = S sees (every key, or every earlier one).
+        window=None if window is None else min(int(window), seq_len),
         dropout_p=float(dropout_p),
         extra_global_tokens=extra,
     )

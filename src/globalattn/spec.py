@@ -103,16 +103,31 @@ def _block_sums(x: torch.Tensor, block_size: int, remainder: str) -> torch.Tenso
 
 
 def local_visible(
-    query_pos: torch.Tensor, key_pos: torch.Tensor, query_block: torch.Tensor, key_block: torch.Tensor, causal: bool
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    query_block: torch.Tensor,
+    key_block: torch.Tensor,
+    causal: bool,
+    window: int | None = None,
 ) -> torch.Tensor:
     """May the query at ``query_pos`` (in ``query_block``) attend to the raw key at ``key_pos``?
 
-    Same block; and in causal mode, not after the query.  (Padding is the caller's to apply.)
+    Without a window: same block, and in causal mode not after the query.  With ``window=w``
+    (docs/semantics.md, "A sliding window of raw keys"): ``p - w < s <= p`` causal, ``|s - p| < w``
+    bidirectional, whatever the blocks.  (Padding is the caller's to apply.)
     """
+    if window is not None:
+        return in_window(query_pos, key_pos, causal, window)
     visible = query_block == key_block
     if causal:
         visible = visible & (key_pos <= query_pos)
     return visible
+
+
+def in_window(query_pos: torch.Tensor, key_pos: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
+    """Is ``key_pos`` within the query's window: ``p - w < s <= p`` causal, ``|s - p| < w`` bidirectional?"""
+    offset = query_pos - key_pos
+    return (offset >= 0) & (offset < window) if causal else offset.abs() < window
 
 
 def global_visible(query_block: torch.Tensor, global_block: torch.Tensor, causal: bool, scope: str) -> torch.Tensor:

@@ -45,9 +45,11 @@ def brute_force(name, q, k, v, *, causal, block_size, window):
                 allowed[:, :, p, s] = s <= p or not causal
             elif name == "sliding":
                 allowed[:, :, p, s] = p - left <= s <= p - left + window - 1
+            elif name == "global-window":  # docs/semantics.md, "A sliding window of raw keys"
+                allowed[:, :, p, s] = p - window < s <= p if causal else abs(s - p) < window
             else:  # local and the global family: own block (causal: up to p)
                 allowed[:, :, p, s] = blk[s] == c and (s <= p or not causal)
-        if name.startswith("global"):
+        if name.startswith("global"):  # global-window sees global's global tokens
             own_only = name == "global-own"
             visible = [j for j in range(num_global) if (j < c if causal else (j == c or not own_only))]
             for j in visible:
@@ -114,6 +116,38 @@ def test_sliding_window_is_matched_to_global_cost():
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("context", [16, 100, 512])
+def test_global_window_defaults_to_the_smallest_window_holding_globals_own_block_keys(causal, context):
+    """docs: w = b. global-window with its default window sees every raw key global sees (its own
+    block, causal up to the query), and with one position less it would not."""
+    config = ModelConfig(context=context, attention="global-window", causal=causal)
+    b, w = resolved_block_size(config), resolved_window(config)
+    assert w == b
+    starts = list(range(0, context, b))
+    if not causal and len(starts) > 1 and context - starts[-1] < b:
+        starts.pop()  # "merge", as in brute_force
+    ends = starts[1:] + [context]
+
+    def blocks_held(window):
+        """The blocks all of whose queries have in their window every raw key global shows them."""
+        held = []
+        for start, end in zip(starts, ends):
+            own = [range(start, p + 1) if causal else range(start, end) for p in range(start, end)]
+            window_keys = [[s for s in keys if (p - window < s <= p if causal else abs(s - p) < window)]
+                           for p, keys in zip(range(start, end), own)]  # fmt: skip
+            if all(len(seen) == len(keys) for seen, keys in zip(window_keys, own)):
+                held.append((start, end))
+        return held
+
+    # every block, but a merged last block (bidirectional), up to 2b - 1 long: its ends are further than b apart
+    assert blocks_held(w) == [(s, e) for s, e in zip(starts, ends) if causal or e - s <= b]
+    assert w == 1 or all(e - s < b for s, e in blocks_held(w - 1))  # a block of b tokens needs w >= b
+    given = ModelConfig(context=context, attention="global-window", causal=causal, window=3)
+    assert resolved_window(given) == 3
+    assert resolved_window(ModelConfig(context=context, attention="global", causal=causal, window=3)) is None
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_default_block_size_is_the_power_of_two_nearest_sqrt_context(causal):
     contexts = (1, 64, 256, 512, 1000, 1024, 2048, 4096)
     sizes = [resolved_block_size(ModelConfig(context=t, attention="global", causal=causal)) for t in contexts]
@@ -123,5 +157,7 @@ def test_default_block_size_is_the_power_of_two_nearest_sqrt_context(causal):
 
 @pytest.mark.parametrize("name", ["dense", "local", "sliding", "global-top2"])
 def test_context_parallel_runs_only_the_global_attentions(name):
-    with pytest.raises(ValueError, match="context parallelism runs the attentions global and global-own"):
-        make_context_parallel_attention(name, causal=True, block_size=4, group=None)
+    with pytest.raises(
+        ValueError, match="context parallelism runs the attentions global, global-own and global-window"
+    ):
+        make_context_parallel_attention(name, causal=True, block_size=4, window=None, group=None)

@@ -98,7 +98,7 @@ def test_a_run_that_fails_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch
     assert "RuntimeError: kernel exploded" in (tmp_path / "results.md").read_text()
 
 
-def test_presets_compare_all_five_attentions_on_a_bidirectional_task():
+def test_presets_compare_every_attention_on_a_bidirectional_task():
     for preset in (PRESETS["cpu-small"], PRESETS["gpu"]):
         measured = [r for r in preset.runs() if not isinstance(r, tuple)]
         assert {r.model.attention for r in measured} >= set(ATTENTIONS)
@@ -116,12 +116,13 @@ def test_top_blocks_preset_routes_against_dense_and_global_on_text():
         "global-top1",
         "global-top2",
         "global-top4",
+        "global-window",
         "local",
         "sliding",
     ]
     cells = {(r.task, r.model.context, r.batch, r.steps, r.model.d_model) for r in runs}
     assert cells == {("shakespeare", 256, 16, 1000, 64)}
-    assert len(runs) == 14  # two seeds: the differences are small
+    assert len(runs) == 16  # two seeds: the differences are small
 
 
 def test_per_task_options_reach_each_run_of_their_task(tmp_path):
@@ -144,7 +145,7 @@ def test_options_for_a_task_that_does_not_take_them_are_refused_with_the_grid():
 def test_gpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
     runs = PRESETS["gpu-recall"].runs()
     assert [r.model.attention for r in runs if r.seed == 0] == list(ROUTING_ATTENTIONS)  # causal: no global-own
-    assert len(runs) == 14 and {r.seed for r in runs} == {0, 1}
+    assert len(runs) == 16 and {r.seed for r in runs} == {0, 1}
     assert {(r.task, r.model.context, r.batch * r.model.context) for r in runs} == {("mqar", 512, 32768)}
     assert all(r.steps >= 1000 for r in runs)  # MQAR takes thousands of steps, where it is learned at all
     config = runs[0]

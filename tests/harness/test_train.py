@@ -56,6 +56,7 @@ def assert_same_run(a: dict, b: dict) -> None:
         ("shakespeare", "dense"),
         ("shakespeare", "global"),
         ("mqar", "sliding"),
+        ("shakespeare", "global-window"),
         ("listops", "global-own"),
         ("passkey", "local"),
     ],
@@ -218,14 +219,18 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "sharding", [[], ["--fsdp"], ["--context-parallel", "2"]], ids=["ddp", "fsdp2", "context-parallel"]
+    "sharding, attention",
+    [([], "global"), (["--fsdp"], "global"), (["--context-parallel", "2"], "global"),
+     (["--context-parallel", "2"], "global-window")],  # fmt: skip
+    ids=["ddp", "fsdp2", "context-parallel", "context-parallel-window"],
 )
-def test_two_gloo_processes_train_as_one(tmp_path, sharding):
+def test_two_gloo_processes_train_as_one(tmp_path, sharding, attention):
     """torchrun's environment by hand: two processes on 127.0.0.1, half of the same global batch each
-    (rows, or with --context-parallel 2 the two halves of every sequence)."""
+    (rows, or with --context-parallel 2 the two halves of every sequence, exchanging halos of raw
+    keys with global-window)."""
     args = (
-        "--task shakespeare --attention global --context 32 --steps 4 --batch 4 --lr 1e-2 --d-model 16 --layers 1 "
-        "--heads 2 --eval-every 2 --eval-examples 1 --no-progress --threads 1"
+        f"--task shakespeare --attention {attention} --context 32 --steps 4 --batch 4 --lr 1e-2 --d-model 16 "
+        "--layers 1 --heads 2 --eval-every 2 --eval-examples 1 --no-progress --threads 1"
     ).split()
     port = free_port()
     procs = []
@@ -256,7 +261,7 @@ def test_two_gloo_processes_train_as_one(tmp_path, sharding):
                 p.kill()
             pytest.fail("the gloo processes did not finish in 120 s")
         assert proc.returncode == 0, output
-    reference = train(tiny(steps=4, eval_every=2), out=tmp_path / "single")
+    reference = train(tiny(steps=4, eval_every=2, attention=attention), out=tmp_path / "single")
     ddp = json.loads((tmp_path / "ddp0" / "metrics.json").read_text())
     assert ddp["world_size"] == 2 and not (tmp_path / "ddp1" / "metrics.json").exists()  # rank 0 writes
     assert len(ddp["history"]) == len(reference["history"]) == 2
@@ -285,6 +290,23 @@ def test_cli_trains_and_reports(tmp_path, capsys):
     assert code == 0
     assert "mqar sliding T=64: step 2, validation accuracy" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("task,window", [("mqar", None), ("listops", 5)], ids=["causal-default", "bidir-w5"])
+def test_cli_trains_global_window_and_records_its_window(tmp_path, task, window):
+    argv = f"train --task {task} --attention global-window --context 64 --block-size 8 --steps 2 --batch 2"
+    options = [] if window is None else ["--window", str(window)]
+    out = tmp_path / "run"
+    more = ["--d-model", "16", "--heads", "2", "--eval-examples", "1", "--no-progress", "--out", str(out)]
+    assert main([*argv.split(), *options, *more]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["model"]["window"] == window
+    assert metrics["window"] == (8 if window is None else window)  # the default: the block size
+
+
+def test_only_the_variants_with_a_window_record_one():
+    recorded = {name: "window" in train(tiny(attention=name, steps=1, eval_every=1)) for name in ("global", "sliding")}
+    assert recorded == {"global": False, "sliding": True}
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,22 @@ def test_attention_cost_counts_4_head_dim_flops_per_pair_and_layer(causal):
     assert attention_cost(local)["attention_flops"] == 4 * 128 * pairs * 2
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_global_window_cost_counts_its_window_and_the_global_tokens(causal):
+    context, block, window, d_model = 64, 8, 5, 32
+    config = ModelConfig(
+        context=context, attention="global-window", causal=causal, block_size=block, window=window, d_model=d_model
+    )
+    if causal:  # the window's keys up to the query, and the complete blocks before the query's
+        pairs = sum(min(p + 1, window) + p // block for p in range(context))
+    else:  # the keys less than w away, and all T / b global tokens
+        pairs = sum(min(p + window, context) - max(p - window + 1, 0) + context // block for p in range(context))
+    assert attention_cost(config) == {
+        "keys_per_token": pairs / context,
+        "attention_flops": 4 * d_model * pairs * config.n_layer,
+    }
+
+
 def test_a_model_needs_the_data_fields():
     config = ModelConfig(context=16, attention="dense", d_model=16, n_head=2)  # as a TrainConfig holds it
     for incomplete in (config.replace(causal=True), config.replace(causal=False, num_classes=10)):

@@ -58,13 +58,14 @@ def attention(query, key, value, options):
         options.top_blocks,
         options.dropout_p,
         options.num_extra,
+        options.window,
     )
     return _forward_op(query, key, value, key_global, value_global, present, options.key_mask, seed, *flags)
 
 
 def _plan(
     query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale, top_blocks, dropout_p,
-    num_extra,
+    num_extra, window,
 ):  # fmt: skip
     """The options and chunks of one call (forward and backward plan the same)."""
     starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)  # planned on the CPU
@@ -73,6 +74,7 @@ def _plan(
         scope=scope,
         scale=scale,
         top_blocks=top_blocks,
+        window=window,
         dropout_p=dropout_p,
         seed=0 if seed is None else int(seed),
         query_offset=key.shape[2] - query.shape[2],
@@ -81,7 +83,7 @@ def _plan(
         num_extra=num_extra,
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
-        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra),
+        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window),
     )
 
 
@@ -109,6 +111,7 @@ class _Options:
     scope: str
     scale: float
     top_blocks: int
+    window: int | None  # w: a row's local keys are the positions within w of it, not its block
     dropout_p: float
     seed: int  # dropout: chunk i draws from seed + i, in forward and again in backward
     query_offset: int  # query row i sits at position query_offset + i
@@ -120,7 +123,7 @@ class _Options:
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra) -> list[_Chunk]:
+def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window) -> list[_Chunk]:
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     if batch * q_heads * q_len == 0:
@@ -133,11 +136,15 @@ def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num
     per_row = num_extra + num_global + routed * (1 + key.shape[-1] + value.shape[-1])
     q_start = starts.clamp(min=offset)  # each block's first query position
     blocks = torch.nonzero(ends > q_start)[:, 0]  # the blocks that hold queries
-    width = int((ends - starts)[blocks].max())
-    per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * width * (width + per_row)))
+    key_lo, key_hi = starts, ends  # the keys a tile's queries may see: its block's, or their windows'
+    if window is not None:
+        key_lo = (q_start - window + 1).clamp(min=0)
+        key_hi = ends if causal else (ends + window - 1).clamp(max=seq_len)
+    q_width, k_width = int((ends - q_start)[blocks].max()), int((key_hi - key_lo)[blocks].max())
+    per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * q_width * (k_width + per_row)))
     chunks = [
         _make_chunk(
-            index, tile_blocks, q_start - offset, ends - offset, starts, ends, causal, scope, num_global, num_extra
+            index, tile_blocks, q_start - offset, ends - offset, key_lo, key_hi, causal, scope, num_global, num_extra
         )  # fmt: skip
         for index, tile_blocks in enumerate(blocks.split(per_chunk))
     ]
@@ -215,9 +222,10 @@ def _forward_op(
     top_blocks: int,
     dropout_p: float,
     num_extra: int,
+    window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p, num_extra)  # fmt: skip
+                    top_blocks, dropout_p, num_extra, window)  # fmt: skip
     out, lse = _empty_outputs(query, value)  # every row is written by the one tile that holds it
     for chunk in options.chunks:
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
@@ -265,9 +273,10 @@ def _backward_op(
     top_blocks: int,
     dropout_p: float,
     num_extra: int,
+    window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p, num_extra)  # fmt: skip
+                    top_blocks, dropout_p, num_extra, window)  # fmt: skip
     inputs = (query, key, value, key_global, value_global)
     grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in inputs]
     grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
@@ -298,7 +307,7 @@ def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. num_extra)
+    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. window)
     ctx.save_for_backward(*tensors, *output)
 
 
@@ -394,7 +403,7 @@ class _ChunkTiles:
         chunk, options = self.chunk, self.options
         query_pos = (chunk.query_rows + options.query_offset)[:, :, None]  # (n, Qm, 1)
         block = chunk.blocks[:, None, None]  # (n, 1, 1)
-        seen = spec.local_visible(query_pos, chunk.key_pos[:, None, :], block, block, options.causal)
+        seen = spec.local_visible(query_pos, chunk.key_pos[:, None, :], block, block, options.causal, options.window)
         seen = (seen & chunk.key_real[:, None, :])[None]  # (1, n, Qm, Km)
         if options.key_mask is not None:
             seen = seen & options.key_mask[:, chunk.key_pos][:, :, None, :]  # (B, n, Qm, Km)
@@ -432,6 +441,10 @@ class _ChunkTiles:
         seen = seen.flatten(-2)
         if options.key_mask is not None:
             seen = seen & options.key_mask.gather(1, pos.flatten(1)).view(seen.shape)
+        if options.window is not None:  # the union with the window: a key in both is seen once, as local
+            rows = self.chunk.query_rows + options.query_offset  # (n, Qm) query positions
+            row_pos = rows[:, None, :].expand(self.n, self.group, self.q_width).reshape(-1, 1)  # (rows, 1)
+            seen = seen & ~spec.in_window(row_pos, pos, options.causal, options.window)
         self.routed_pos, self.routed_seen = pos, seen
         self.routed_key = self._gather_routed(key)  # (B, Hkv, rows, R, D)
         self.routed_value = self._gather_routed(value)  # (B, Hkv, rows, R, Dv)

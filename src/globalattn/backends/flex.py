@@ -101,7 +101,7 @@ def attention(query, key, value, options):
     # With padding or extra tokens, whether a column exists differs per batch element.
     masked = key_mask is not None or extra is not None
     plan = _plan(seq_len, q_len, block_size, remainder, options.causal, options.scope, masked, options.num_extra,
-                 TILE, query.device)  # fmt: skip
+                 options.window, TILE, query.device)  # fmt: skip
     keys = _columns(key, key_global, plan)  # (B, Hkv, N, D)
     values = _columns(value, value_global, plan)  # (B, Hkv, N, Dv)
     block_mask = plan.with_real_columns(key_mask, present) if masked else plan.block_mask
@@ -172,6 +172,7 @@ class _Plan:
     tables: dict  # the mask_mod's per-row and per-column tables, on the device
     causal: bool
     scope: str
+    window: int | None
     block_mask: BlockMask  # for inputs without a key_mask
 
     def with_real_columns(self, key_mask: torch.Tensor | None, present: torch.Tensor) -> BlockMask:
@@ -194,12 +195,12 @@ class _Plan:
             full_q_num_blocks=bm.full_q_num_blocks,
             full_q_indices=bm.full_q_indices,
             BLOCK_SIZE=bm.BLOCK_SIZE,
-            mask_mod=_mask_mod(tables, self.causal, self.scope, batched=True),
+            mask_mod=_mask_mod(tables, self.causal, self.scope, self.window, batched=True),
         )
 
 
 @functools.lru_cache(maxsize=8)
-def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile, device) -> _Plan:
+def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile, device) -> _Plan:
     """Everything about one attention call that depends only on its shapes and options.
 
     ``masked``: which columns exist will be given per batch element (a key_mask, or extra global
@@ -209,7 +210,7 @@ def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extr
     """
     num_global = num_extra + spec.num_blocks(seq_len, block_size, remainder)
     key_columns, global_columns = _round_up(seq_len, tile), _round_up(num_global, tile)
-    partial, full = _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile)
+    partial, full = _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile)
     num_tiles = (key_columns + global_columns) // tile
     kv_num_blocks, kv_indices = _as_kv_blocks(partial, num_tiles)
     full_kv_num_blocks, full_kv_indices = _as_kv_blocks(full, num_tiles) if full.any() else (None, None)
@@ -220,13 +221,13 @@ def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extr
         None if full_kv_num_blocks is None else full_kv_num_blocks.to(device),
         None if full_kv_indices is None else full_kv_indices.to(device),
         BLOCK_SIZE=tile,
-        mask_mod=_mask_mod(tables, causal, scope, batched=False),
+        mask_mod=_mask_mod(tables, causal, scope, window, batched=False),
         seq_lengths=(q_len, key_columns + global_columns),
     )
-    return _Plan(seq_len, key_columns, global_columns, tables, causal, scope, block_mask)
+    return _Plan(seq_len, key_columns, global_columns, tables, causal, scope, window, block_mask)
 
 
-def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, tile):
+def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile):
     """Which column tiles each of the R = ceil(L / T) query-row tiles reads: (partial, full).
 
     Both select among the same (R, M) candidate tiles: a row tile's key tiles (those of its
@@ -244,13 +245,20 @@ def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, nu
 
     # Local keys: the row tile's blocks, in causal mode only up to its last query.
     key_lo, key_hi = starts[first_block], (last + 1 if causal else ends[last_block])  # [lo, hi) key positions
+    if window is not None:  # the queries' windows instead: [first - w + 1, last] causal, to last + w - 1 not
+        key_lo, key_hi = (first - window + 1).clamp(min=0), (last + 1 if causal else (last + window).clamp(max=seq_len))
     tile_lo, tile_hi = key_lo // tile, (key_hi - 1) // tile  # inclusive tile range
     local = tile_lo[:, None] + torch.arange(int((tile_hi - tile_lo).max()) + 1)  # (R, Ml) candidate key tiles
     local_read = local <= tile_hi[:, None]
     one_block = (first_block == last_block)[:, None]
-    local_full = one_block & (local * tile >= key_lo[:, None]) & ((local + 1) * tile <= ends[first_block][:, None])
-    if causal:
-        local_full &= (local + 1) * tile - 1 <= first[:, None]  # every key at or before every query
+    if window is None:
+        local_full = one_block & (local * tile >= key_lo[:, None]) & ((local + 1) * tile <= ends[first_block][:, None])
+        if causal:
+            local_full &= (local + 1) * tile - 1 <= first[:, None]  # every key at or before every query
+    else:  # every key of the tile within every query's window, and none past the sequence
+        tile_first, tile_last = local * tile, (local + 1) * tile - 1
+        reach = first + (0 if causal else window - 1)  # the last key the first query sees
+        local_full = (tile_first > (last - window)[:, None]) & (tile_last <= reach[:, None]) & (tile_last < seq_len)
 
     # Global columns j in [u*T, min((u+1)*T, T + G)) of global tile u; column j holds block j - T,
     # so a rule "block < c" reads "column < c + T" (scope "own" never has extra tokens).
@@ -327,7 +335,7 @@ def _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_g
     )
 
 
-def _mask_mod(tables: dict, causal: bool, scope: str, batched: bool):
+def _mask_mod(tables: dict, causal: bool, scope: str, window: int | None, batched: bool):
     """docs/semantics.md's visibility of (query row q_idx, column kv_idx), for FlexAttention.
 
     Key column kv_idx holds the key at position kv_idx; ``batched``: ``column_real`` is per batch
@@ -338,7 +346,7 @@ def _mask_mod(tables: dict, causal: bool, scope: str, batched: bool):
 
     def global_token_attention(b, h, q_idx, kv_idx):
         row_block, col_block = query_block[q_idx], column_block[kv_idx]
-        local = spec.local_visible(query_pos[q_idx], kv_idx, row_block, col_block, causal)
+        local = spec.local_visible(query_pos[q_idx], kv_idx, row_block, col_block, causal, window)
         glob = spec.global_visible(row_block, col_block, causal, scope)
         real = column_real[b, kv_idx] if batched else column_real[kv_idx]
         return torch.where(column_global[kv_idx], glob, local) & real

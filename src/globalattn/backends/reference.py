@@ -58,13 +58,16 @@ def _weights_and_lse(query, key, options):
     query_pos = key_pos[seq_len - q_len :]  # bottom-right aligned queries
     query_block = key_block[query_pos]
     causal = options.causal
-    local = spec.local_visible(query_pos[:, None], key_pos[None], query_block[:, None], key_block[None], causal)
+    local = spec.local_visible(
+        query_pos[:, None], key_pos[None], query_block[:, None], key_block[None], causal, options.window
+    )
     glob = spec.global_visible(query_block[:, None], global_block[None], causal, options.scope)  # (L, T + G)
     real = torch.ones(batch, seq_len, dtype=torch.bool, device=device) if key_mask is None else key_mask
     allowed = torch.cat([local, glob], -1)[None] & torch.cat([real, present], -1)[:, None]  # (B, L, S + T + G)
     allowed = allowed[:, None]  # (B, 1, L, S + T + G), shared by all heads
     if options.top_blocks:  # (never with extra global tokens)
-        # Routing: each query (and head) also sees the real keys of its top-scoring other blocks.
+        # Routing: each query (and head) also sees the real keys of its top-scoring other blocks
+        # (with a window, the union: a key in both is one cell, seen once).
         candidate = allowed[..., seq_len:] & (global_block != query_block[:, None])  # (B, 1, L, G)
         blocks, chosen = spec.select_top_blocks(scores[..., seq_len:], candidate, options.top_blocks)  # (B, Hq, L, k)
         routed = torch.zeros_like(scores[..., seq_len:], dtype=torch.bool).scatter_(-1, blocks, chosen)

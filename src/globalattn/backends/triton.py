@@ -1,11 +1,12 @@
 """The Triton backend: fused forward and backward kernels for global-token attention.
 
 Forward (``_forward_kernel``), one program per tile of BLOCK_M query rows of one query head: one
-online softmax (exp2, scores in log2 units) first over the keys of the blocks its rows belong to,
-then over the G global tokens, read from the small pooled tensors (never concatenated with K).
-It stores the output and each row's log-sum-exp.  A tile may hold rows of several blocks (b <
-BLOCK_M) or part of one block; either way it visits the key range its rows' blocks span and the
-per-element visibility test of docs/semantics.md decides.
+online softmax (exp2, scores in log2 units) first over its rows' local keys (those of the blocks
+they belong to or, with ``window=w``, the raw positions within w of them), then over the G global
+tokens, read from the small pooled tensors (never concatenated with K).  It stores the output and
+each row's log-sum-exp.  A tile may hold rows of several blocks (b < BLOCK_M) or part of one
+block; either way it visits the key range its rows' blocks (or windows) span and the per-element
+visibility test of docs/semantics.md decides.
 
 Backward recomputes the probabilities from the stored lse, as flash-attention does, in three
 kernels that write disjoint outputs (no atomics, so the result is deterministic):
@@ -14,9 +15,10 @@ kernels that write disjoint outputs (no atomics, so the result is deterministic)
 - ``_global_grad_kernel``, per tile of global tokens, key/value head and slice of query rows:
   that slice's share of dKg, dVg, written to its own buffer and summed in a fixed order after;
 - ``_key_grad_kernel``, per tile of BLOCK_N keys and key/value head: dK, dV of the local part,
-  summed over the query heads of the group and the query tiles that see those keys, plus the
-  pooling's backward (each real key's share of its block's dKg, dVg), so that dK and dV are
-  written once and no gradient of the global tokens reaches autograd.
+  summed over the query heads of the group and the query tiles that see those keys (the rows of
+  their blocks, or with a window the rows within w of them), plus the pooling's backward (each
+  real key's share of its block's dKg, dVg), so that dK and dV are written once and no gradient
+  of the global tokens reaches autograd.
 
 The pooling itself (``spec.pool_blocks``) is one pass over K and V in PyTorch, inside the op and
 again in backward (cheaper than keeping the pooled tensors between the two).
@@ -25,10 +27,10 @@ Both directions are registered as custom ops (``globalattn::triton_forward`` / `
 ``torch.compile`` treats a call as one opaque node instead of breaking the graph.
 
 Coverage: float16, bfloat16 and float32 (fp32 accumulation; float32 matrix products in full
-precision, not TF32), head dims up to 256 (padded to a power of two), every option of docs/semantics.md
-except ``top_blocks`` and dropout.  On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set
-before globalattn is imported), which is how the test suite exercises them without a GPU; the
-interpreter cannot multiply bfloat16.
+precision, not TF32), head dims up to 256 (padded to a power of two), every option of docs/semantics.md,
+``window`` included, except ``top_blocks``, ``extra_global_tokens`` and dropout.  On the CPU the
+kernels run under ``TRITON_INTERPRET=1`` (set before globalattn is imported), which is how the
+test suite exercises them without a GPU; the interpreter cannot multiply bfloat16.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def unsupported(query, key, value, options) -> str | None:
 def attention(query, key, value, options):
     own = options.scope == "own"
     return _forward_op(query, key, value, options.key_mask, options.block_size, options.remainder, options.causal, own,
-                       options.scale)  # fmt: skip
+                       options.window, options.scale)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +98,8 @@ _BACKWARD_CONFIGS = _configs([(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), 
 # (``seq_bucket``, an argument the kernels take for this alone): a tile that suits 1k tokens need
 # not suit 128k, and a new length within a bucket must not tune again.
 _AUTOTUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "SCOPE_OWN", "HAS_MASK", "block_size", "seq_bucket", "DOT_PRECISION"]
+# The kernels that visit local keys: with a window, w and not b sets how many each row sees.
+_LOCAL_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["HAS_WINDOW", "window"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +113,18 @@ def _block_of(pos, block_size, num_blocks):
 
 
 @triton.jit
-def _local_seen(query_pos, key_pos, block_size, num_blocks, CAUSAL: tl.constexpr):
-    seen = _block_of(query_pos, block_size, num_blocks) == _block_of(key_pos, block_size, num_blocks)
-    if CAUSAL:
-        seen = seen & (key_pos <= query_pos)
+def _local_seen(query_pos, key_pos, block_size, num_blocks, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """As spec.local_visible: the same block, or with a window the raw positions within w."""
+    if HAS_WINDOW:
+        offset = query_pos - key_pos
+        if CAUSAL:
+            seen = (offset >= 0) & (offset < window)
+        else:
+            seen = (offset > -window) & (offset < window)
+    else:
+        seen = _block_of(query_pos, block_size, num_blocks) == _block_of(key_pos, block_size, num_blocks)
+        if CAUSAL:
+            seen = seen & (key_pos <= query_pos)
     return seen
 
 
@@ -128,11 +140,18 @@ def _global_seen(query_block, global_block, CAUSAL: tl.constexpr, SCOPE_OWN: tl.
 
 
 @triton.jit
-def _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, CAUSAL: tl.constexpr):
-    """The keys a tile of query positions first_pos..last_pos may see: its blocks' span."""
-    lo = _block_of(first_pos, block_size, num_blocks) * block_size
-    last_block = _block_of(last_pos, block_size, num_blocks)
-    hi = tl.where(last_block == num_blocks - 1, seq_len, (last_block + 1) * block_size)
+def _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, window, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """The keys a tile of query positions first_pos..last_pos may see: its blocks' span, or with a
+    window the positions within w of it.  Bidirectional, seeing is symmetric: these are also the
+    queries that may see keys first_pos..last_pos."""
+    if HAS_WINDOW:
+        lo = tl.maximum(first_pos - window + 1, 0)
+        hi = tl.minimum(last_pos + window, seq_len)
+    else:
+        lo = _block_of(first_pos, block_size, num_blocks) * block_size
+        last_block = _block_of(last_pos, block_size, num_blocks)
+        hi = tl.where(last_block == num_blocks - 1, seq_len, (last_block + 1) * block_size)
     if CAUSAL:
         hi = tl.minimum(hi, last_pos + 1)
     return lo, hi
@@ -197,8 +216,9 @@ def _query_tile_kernel(
     stride_wb, stride_wh, stride_wg,
     stride_ob, stride_oh, stride_ol,
     q_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim, seq_bucket,
+    head_dim, value_dim, seq_bucket, window,
     BACKWARD: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -234,12 +254,13 @@ def _query_tile_kernel(
 
     first_pos = tile * BLOCK_M + query_offset
     last_pos = tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1 + query_offset
-    lo, hi = _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, CAUSAL)
+    lo, hi = _local_key_range(first_pos, last_pos, seq_len, block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k, v = _load_keys(K, V, cols, col_ok, stride_ks, stride_vs, dims, dim_ok, value_dims, value_dim_ok)
-        seen = _local_seen(pos[:, None], cols[None, :], block_size, num_blocks, CAUSAL) & col_ok[None, :]
+        seen = _local_seen(pos[:, None], cols[None, :], block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
+        seen = seen & col_ok[None, :]
         if HAS_MASK:
             seen = seen & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)[None, :]
         if BACKWARD:
@@ -278,8 +299,8 @@ def _query_tile_kernel(
         tl.store(LSE + row_base + rows, lse, mask=row_ok)
 
 
-_forward_kernel = triton.autotune(configs=_FORWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
-_query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)(_query_tile_kernel)
+_forward_kernel = triton.autotune(configs=_FORWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
+_query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
 
 
 @triton.jit
@@ -316,9 +337,10 @@ def _row_terms_kernel(
 def _key_tile_grads(
     Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group, k, v, key_index, key_ok, row_lo, row_hi,
     stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
-    q_len, query_offset, block_size, num_blocks, scale_log2,
+    q_len, query_offset, block_size, num_blocks, window, scale_log2,
     dims, dim_ok, value_dims, value_dim_ok,
-    GLOBAL: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GLOBAL: tl.constexpr, CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (float32, unscaled) of one tile of keys (GLOBAL: of global tokens) from the query rows
@@ -345,7 +367,7 @@ def _key_tile_grads(
                 seen = _global_seen(_block_of(pos, block_size, num_blocks)[:, None], key_index[None, :], CAUSAL,
                                     SCOPE_OWN)  # fmt: skip
             else:
-                seen = _local_seen(pos[:, None], key_index[None, :], block_size, num_blocks, CAUSAL)
+                seen = _local_seen(pos[:, None], key_index[None, :], block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
             seen = seen & row_ok[:, None] & key_ok[None, :]
             p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -357,7 +379,7 @@ def _key_tile_grads(
     return dk, dv
 
 
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)
 @triton.jit
 def _key_grad_kernel(
     Q, K, V, KEEP, DO, LSE2, DELTA, DKG, DVG, INV_COUNT, DK, DV,
@@ -366,8 +388,8 @@ def _key_grad_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_ol,
     kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim, seq_bucket,
-    CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
+    head_dim, value_dim, seq_bucket, window,
+    CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -387,19 +409,20 @@ def _key_grad_kernel(
     if HAS_MASK:
         key_ok = key_ok & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)
 
-    # The query positions that may see these keys: their blocks' span (causal: not before the keys).
+    # The query positions that may see these keys: the keys the same positions would see
+    # bidirectionally (their blocks' span, or within w of them), causal: not before the keys.
     first_key = tile * BLOCK_N
     pos_lo, pos_hi = _local_key_range(first_key, tl.minimum(first_key + BLOCK_N, seq_len) - 1, seq_len, block_size,
-                                      num_blocks, False)  # fmt: skip
+                                      num_blocks, window, False, HAS_WINDOW)  # fmt: skip
     if CAUSAL:
         pos_lo = tl.maximum(pos_lo, first_key)
     dk, dv = _key_tile_grads(
         Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group,
         k, v, cols, key_ok, tl.maximum(pos_lo - query_offset, 0), pos_hi - query_offset,
         stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
-        q_len, query_offset, block_size, num_blocks, scale_log2,
+        q_len, query_offset, block_size, num_blocks, window, scale_log2,
         dims, dim_ok, value_dims, value_dim_ok,
-        False, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        False, CAUSAL, SCOPE_OWN, HAS_WINDOW, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     key_block = _block_of(cols, block_size, num_blocks)
     share = tl.load(INV_COUNT + b * num_blocks + key_block, mask=key_ok, other=0.0)  # 0 for padding
@@ -450,10 +473,10 @@ def _global_grad_kernel(
     if CAUSAL:  # queries of later blocks
         pos_lo = tl.where(first_block + 1 < num_blocks, (first_block + 1) * block_size, seq_len)
         pos_hi = seq_len
-    elif SCOPE_OWN:  # queries of these blocks
+    elif SCOPE_OWN:  # queries of these blocks (the blocks' span, whatever the window)
         last_block = tl.minimum(first_block + BLOCK_N, num_blocks) - 1
         pos_lo, pos_hi = _local_key_range(first_block * block_size, last_block * block_size, seq_len, block_size,
-                                          num_blocks, False)  # fmt: skip
+                                          num_blocks, 0, False, False)  # fmt: skip
     else:
         pos_lo, pos_hi = 0, seq_len
     row_lo = tl.maximum(pos_lo - query_offset, split * rows_per_split)
@@ -461,9 +484,9 @@ def _global_grad_kernel(
     dkg, dvg = _key_tile_grads(
         Q, DO, LSE2, DELTA, b, kv_h, kv_heads, group, kg, vg, blocks, block_ok, row_lo, row_hi,
         stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
-        q_len, query_offset, block_size, num_blocks, scale_log2,
+        q_len, query_offset, block_size, num_blocks, 0, scale_log2,  # no window: global tokens are per block
         dims, dim_ok, value_dims, value_dim_ok,
-        True, CAUSAL, SCOPE_OWN, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        True, CAUSAL, SCOPE_OWN, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     part = ((split * tl.num_programs(2) + batch_head) * num_blocks).to(tl.int64)
     tl.store(DKG + (part + blocks[:, None]) * head_dim + dims[None, :], dkg * scale,
@@ -511,6 +534,12 @@ def _static_args(query, value, key_keep, causal, scope_own) -> dict:
     )
 
 
+def _window_args(window: int | None) -> dict:
+    """The window as the kernels that visit local keys take it: a runtime int, and a flag that
+    compiles the window test in (without it the kernels are those of the block rule alone)."""
+    return dict(window=0 if window is None else window, HAS_WINDOW=window is not None)
+
+
 def _global_tokens(key, value, key_mask, block_size, remainder):
     """The pooled keys and values, which blocks have a global token and which keys are real, as the
     kernels read them (int8 for the flags)."""
@@ -530,6 +559,7 @@ def _forward_op(
     remainder: str,
     causal: bool,
     scope_own: bool,
+    window: int | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     query, key, value = _kernel_layout(query, key, value)
@@ -547,13 +577,13 @@ def _forward_op(
         *_strides(out),
         q_heads, q_heads // kv_heads, q_len, seq_len, key_global.shape[2], seq_len - q_len, block_size,
         scale * LOG2_E, scale, query.shape[-1], value.shape[-1], triton.next_power_of_2(seq_len), BACKWARD=False,
-        **_static_args(query, value, keep, causal, scope_own),
+        **_window_args(window), **_static_args(query, value, keep, causal, scope_own),
     )  # fmt: skip
     return out, lse
 
 
 @_forward_op.register_fake
-def _(query, key, value, key_mask, block_size, remainder, causal, scope_own, scale):
+def _(query, key, value, key_mask, block_size, remainder, causal, scope_own, window, scale):
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32)
@@ -573,6 +603,7 @@ def _backward_op(
     remainder: str,
     causal: bool,
     scope_own: bool,
+    window: int | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     query, key, value, grad_out, out = _kernel_layout(query, key, value, grad_out, out)
@@ -600,7 +631,7 @@ def _backward_op(
     _query_grad_kernel[grid](
         query, key, value, key_global, value_global, keep, present, grad_out, lse2, delta, grad_query, None,
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
-        *_strides(grad_out), q_heads, group, *common, BACKWARD=True, **static,
+        *_strides(grad_out), q_heads, group, *common, BACKWARD=True, **_window_args(window), **static,
     )  # fmt: skip
     splits = _global_grad_splits(query, batch * kv_heads, num_blocks)
     rows_per_split = triton.cdiv(q_len, splits)
@@ -618,7 +649,7 @@ def _backward_op(
         query, key, value, keep, grad_out, lse2, delta, grad_key_global, grad_value_global,
         1.0 / counts.clamp(min=1), grad_key, grad_value,
         *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
-        kv_heads, group, *common, **static,
+        kv_heads, group, *common, **_window_args(window), **static,
     )  # fmt: skip
     return grad_query, grad_key, grad_value
 
@@ -641,7 +672,7 @@ def _global_grad_splits(query: torch.Tensor, kv_batch_heads: int, num_blocks: in
 def _setup_context(ctx, inputs, output):
     query, key, value, key_mask, *options = inputs
     ctx.save_for_backward(query, key, value, key_mask, *output)
-    ctx.options = options  # block_size, remainder, causal, scope_own, scale
+    ctx.options = options  # block_size, remainder, causal, scope_own, window, scale
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -650,7 +681,7 @@ def _backward(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     grads = _backward_op(grad_out, grad_lse, query, key, value, key_mask, out, lse, *ctx.options)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)  # none for key_mask and the options
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

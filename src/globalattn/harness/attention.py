@@ -5,6 +5,10 @@ and return (B, H, T, D).
     global         this project: own block + every block's global token (causal: own block up to
                    the query + complete earlier blocks' global tokens)
     global-own     the seed's literal variant: own block + its own global token (bidirectional only)
+    global-window  global with a sliding window of raw keys instead of the own block (``window=w``,
+                   docs/semantics.md): causal the w keys up to the query, bidirectional those less
+                   than w away; the same global tokens as global.  w defaults to b, the smallest
+                   window that holds every raw key global's own block gives the query
     global-top{k}  global, and each query also reads the raw tokens of the k blocks whose global
                    tokens score highest for it (``top_blocks=k``, docs/semantics.md)
     local          the same blocks as global with no global tokens: the ablation
@@ -40,22 +44,36 @@ def resolved_block_size(config: ModelConfig) -> int:
     )
 
 
-def resolved_window(config: ModelConfig) -> int:
-    """``config.window``, or the window matched to global's attended pairs at its block size."""
-    return config.window or matched_window(config.context, resolved_block_size(config), causal=config.causal)
+def resolved_window(config: ModelConfig) -> int | None:
+    """The window of ``sliding`` and ``global-window`` (None for the variants without one):
+    ``config.window``, or by default
+
+    - sliding: the window matched to global's attended pairs at its block size (the same FLOPs);
+    - global-window: the block size b.  Causal, a query at offset r in its block then sees the
+      r + 1 <= b raw keys global shows it and the b - r - 1 just before its block that global hides;
+      a smaller window would leave the start of its own block unseen (that block's global token is
+      not visible to it), a larger one reaches further back at more cost.  Bidirectional, w = b reaches every key of
+      the query's block as well (a merged last block, longer than b, but partly).
+    """
+    if config.attention == "sliding":
+        return config.window or matched_window(config.context, resolved_block_size(config), causal=config.causal)
+    if config.attention == "global-window":
+        return config.window or resolved_block_size(config)
+    return None
 
 
 def matched_window(context: int, block_size: int, *, causal: bool) -> int:
     """The sliding window w whose attended pairs over a full sequence come closest to global's."""
     target = cost.attended_pairs(context, block_size, causal=causal)
     windows = torch.arange(1, context + 1)
-    left, right = _window_sides(windows, causal)
+    left, right = _window_sides("sliding", windows, causal)
     pairs = windows * context - left * (left + 1) // 2 - right * (right + 1) // 2  # minus the keys cut off at the ends
     return int(windows[(pairs - target).abs().argmin()])
 
 
-def make_attention(name: str, *, causal: bool, block_size: int, window: int) -> Attention:
-    """The attention function ``(q, k, v) -> out`` of the variant ``name`` (q, k, v: (B, H, T, D))."""
+def make_attention(name: str, *, causal: bool, block_size: int, window: int | None) -> Attention:
+    """The attention function ``(q, k, v) -> out`` of the variant ``name`` (q, k, v: (B, H, T, D));
+    ``window`` is read by sliding and global-window only."""
     check_attention(name, causal=causal)
     if name == "dense":
         return partial(F.scaled_dot_product_attention, is_causal=causal)
@@ -65,22 +83,28 @@ def make_attention(name: str, *, causal: bool, block_size: int, window: int) -> 
         return partial(sliding_window_attention, window=window, causal=causal)
     scope = "own" if name == "global-own" else "all"
     options = {"top_blocks": top_blocks_of(name)} if top_blocks_of(name) else {}
+    if name == "global-window":
+        options["window"] = window
     return partial(global_attention, block_size=block_size, causal=causal, scope=scope, **options)
 
 
-def make_context_parallel_attention(name: str, *, causal: bool, block_size: int, group) -> Attention:
-    """``make_attention``'s global variants over a sequence sharded across ``group`` (each rank passes
-    its shard); the others have no context-parallel form here."""
+def make_context_parallel_attention(
+    name: str, *, causal: bool, block_size: int, window: int | None, group
+) -> Attention:
+    """``make_attention``'s global variants (not routing) over a sequence sharded across ``group``
+    (each rank passes its shard); the others have no context-parallel form here."""
     from globalattn.distributed import context_parallel_attention
 
     check_attention(name, causal=causal)
-    if name not in ("global", "global-own"):
-        raise ValueError(f"context parallelism runs the attentions global and global-own, got {name!r}")
+    if name not in ("global", "global-own", "global-window"):
+        raise ValueError(f"context parallelism runs the attentions global, global-own and global-window, got {name!r}")
     scope = "own" if name == "global-own" else "all"
-    return partial(context_parallel_attention, block_size=block_size, causal=causal, scope=scope, group=group)
+    options = {"window": window} if name == "global-window" else {}
+    return partial(context_parallel_attention, block_size=block_size, causal=causal, scope=scope, group=group,
+                   **options)  # fmt: skip
 
 
-def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, window: int) -> torch.Tensor:
+def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, window: int | None) -> torch.Tensor:
     """How many keys (raw tokens and global tokens) each position attends to, an int64 tensor (T,).
 
     For ``global-top{k}`` the routed blocks are counted at their full size b (exact when b divides T).
@@ -89,11 +113,14 @@ def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, wi
     if name == "dense":
         return pos + 1 if causal else torch.full((seq_len,), seq_len)
     if name == "sliding":
-        return _window_counts(seq_len, window, causal)
+        return _window_counts(name, seq_len, window, causal)
     remainder = spec.resolve_remainder(causal, None)
     starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
     blk = spec.block_index(seq_len, block_size, remainder)
-    local = pos - starts[blk] + 1 if causal else (ends - starts)[blk]
+    if name == "global-window":
+        local = _window_counts(name, seq_len, window, causal)
+    else:
+        local = pos - starts[blk] + 1 if causal else (ends - starts)[blk]
     if name == "local":
         return local
     num_blocks = len(starts)
@@ -105,14 +132,19 @@ def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, wi
     return local + globals_seen + routed_blocks * block_size
 
 
-def _window_counts(seq_len: int, window: int, causal: bool) -> torch.Tensor:
+def _window_counts(name: str, seq_len: int, window: int, causal: bool) -> torch.Tensor:
+    """Raw keys in each position's window (sliding or global-window), cut off at the sequence's ends."""
     pos = torch.arange(seq_len)
-    left, right = _window_sides(window, causal)
+    left, right = _window_sides(name, window, causal)
     return torch.minimum(pos + right, torch.tensor(seq_len - 1)) - (pos - left).clamp(min=0) + 1
 
 
-def _window_sides(window, causal: bool):
-    """Keys a query sees before and after itself (ints or tensors): causal all before, bidirectional centred."""
+def _window_sides(name: str, window, causal: bool):
+    """Keys a query's window reaches before and after itself (ints or tensors).  sliding: w keys,
+    causal all before, bidirectional centred; global-window: ``p - w < s <= p`` causal, ``|s - p| < w``
+    bidirectional (docs/semantics.md), so w - 1 before and 0 or w - 1 after."""
+    if name == "global-window":
+        return window - 1, (0 if causal else window - 1)
     left = window - 1 if causal else (window - 1) // 2
     return left, window - 1 - left
 
@@ -146,7 +178,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Queries run in chunks of c = w; chunk i reads the c + w - 1 keys its windows can reach.
     """
     batch, heads, seq_len, head_dim = q.shape
-    left, right = _window_sides(window, causal)
+    left, right = _window_sides("sliding", window, causal)
     chunk = window
     num_chunks = -(-seq_len // chunk)
     span = chunk + window - 1

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # The attention variants (attention.py) by name; also global-top{k}, for every k >= 1.
-ATTENTIONS = ("dense", "global", "global-own", "local", "sliding")
+ATTENTIONS = ("dense", "global", "global-own", "global-window", "local", "sliding")
 _TOP_BLOCKS = re.compile(r"global-top([1-9][0-9]*)")
 PRECISIONS = ("fp32", "bf16")
 
@@ -58,12 +58,16 @@ class ModelConfig:
         f"{', '.join(ATTENTIONS)} or global-top<k>; global-own on bidirectional tasks only", metavar="NAME"
     )
     block_size: int | None = option(
-        "block size of global/local (default: the power of two with the fewest attended pairs, ~sqrt(T))",
+        "block size of the global variants and local "
+        "(default: the power of two with the fewest attended pairs, ~sqrt(T))",
         default=None,
         metavar="B",
     )
     window: int | None = option(
-        "sliding window (default: the one whose attended pairs come closest to global's)", default=None, metavar="W"
+        "window of sliding (default: the one whose attended pairs come closest to global's) and of global-window "
+        "(default: the block size)",
+        default=None,
+        metavar="W",
     )
     n_layer: int = option("transformer blocks", default=2, flag="--layers", metavar="N")
     n_head: int = option("attention heads", default=4, flag="--heads", metavar="N")

@@ -12,8 +12,18 @@ from dataclasses import dataclass
 
 from globalattn.harness.config import ATTENTIONS, ModelConfig, TrainConfig
 
-# Routing to the top blocks against dense, plain global and the cheap baselines (causal tasks: no global-own)
-ROUTING_ATTENTIONS = ("dense", "global", "global-top1", "global-top2", "global-top4", "local", "sliding")
+# Routing to the top blocks against dense, plain global, global with a window and the cheap baselines
+# (causal tasks: no global-own)
+ROUTING_ATTENTIONS = (
+    "dense",
+    "global",
+    "global-top1",
+    "global-top2",
+    "global-top4",
+    "global-window",
+    "local",
+    "sliding",
+)
 
 
 @dataclass(frozen=True)

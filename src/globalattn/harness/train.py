@@ -74,13 +74,14 @@ def train(
     share = _share_of_this_rank(config, task, model, rank, world)
     wrapped = _wrap_for_distributed(model, world, device, fsdp)
     optimizer = _make_optimizer(model, config)
+    window = resolved_window(model_config)  # None: the variant has no window
 
     summary = {
         "config": dataclasses.asdict(config),
         "data": {"task": task.name, "metric": task.metric, **task.describe()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "block_size": resolved_block_size(model_config),
-        **({"window": resolved_window(model_config)} if model_config.attention == "sliding" else {}),
+        **({"window": window} if window is not None else {}),
         **attention_cost(model_config),
         "world_size": world,
         "device": str(device),

@@ -184,7 +184,11 @@ def use_context_parallel(model: nn.Module, group, shard: range) -> None:
     the global tokens over ``group``."""
     config = model.config
     attend = make_context_parallel_attention(
-        config.attention, causal=config.causal, block_size=resolved_block_size(config), group=group
+        config.attention,
+        causal=config.causal,
+        block_size=resolved_block_size(config),
+        window=resolved_window(config),
+        group=group,
     )
     for module in model.modules():
         if isinstance(module, SelfAttention):

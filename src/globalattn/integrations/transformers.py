@@ -4,19 +4,20 @@
 
     register()                                      # attn_implementation="global_attention"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="global_attention",
-                                                 global_attention_block_size=64)
+                                                 global_attention_block_size=64)   # global_attention_window=w too
     out = model.generate(input_ids, past_key_values=GlobalAttentionCache(), max_new_tokens=50)
 
 Every attention layer that calls ``transformers``' ``AttentionInterface`` then computes
 
     global_attention(query, key, value, block_size, causal=module.is_causal, remainder="separate",
-                     key_mask=the 2D padding mask, scale=module's scaling)
+                     key_mask=the 2D padding mask, scale=module's scaling, window=window)
 
 with grouped-query heads taken from the key/value head count, and the block size from the forward's
-``global_attention_block_size`` keyword or, failing that, ``config.global_attention_block_size``.
+``global_attention_block_size`` keyword or, failing that, ``config.global_attention_block_size``; the
+window (None, the default: the own block's keys) likewise from ``global_attention_window``.
 ``remainder="separate"`` in both modes: a short last block stays its own, so that a sequence's real
 tokens get the same outputs however much right padding its batch adds.  ``GlobalAttentionCache``
-keeps, per layer, O(b + S/b) entries instead of S (see ``globalattn.cache``).
+keeps, per layer, O(b + S/b) entries instead of S, O(w + b + S/b) with a window (see ``globalattn.cache``).
 
 Needs transformers >= 4.56 (the first release with both interfaces and the per-layer ``Cache`` that
 the cache builds on).  Details, supported models and limits: docs/huggingface.md.
@@ -43,6 +44,7 @@ if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
     )
 
 BLOCK_SIZE_KEY = "global_attention_block_size"  # config attribute, or keyword of the model's forward
+WINDOW_KEY = "global_attention_window"  # the same; None: no window
 # transformers hands the attention function only what ``Cache.update`` returned, so the cache marks
 # the keys it returns with the layer state that must attend with them.
 _STAGED_BY = "_globalattn_staged_by"
@@ -69,8 +71,9 @@ def register(name: str = "global_attention") -> str:
     # attribute, else hands it to the model's __init__ (a TypeError).  Declaring it on the base
     # class (None = unset) makes the one-line form work for every model and AutoConfig
     # (sentence-transformers' config_kwargs included); a value set this way is saved with the model.
-    if not hasattr(PretrainedConfig, BLOCK_SIZE_KEY):
-        setattr(PretrainedConfig, BLOCK_SIZE_KEY, None)
+    for key in (BLOCK_SIZE_KEY, WINDOW_KEY):
+        if not hasattr(PretrainedConfig, key):
+            setattr(PretrainedConfig, key, None)
     return name
 
 
@@ -90,21 +93,21 @@ def global_attention_forward(
     ``global_attention_mask`` (True = real) or None.  Returns (out (B, L, Hq, Dv), None): no weights.
     """
     _check_layer(module, kwargs)
-    block_size = _block_size(module, kwargs)
+    block_size, window = _block_size(module, kwargs), _window(module, kwargs)
     # The module says whether the layer is causal: the is_causal keyword can be a hint for sdpa
     # instead (GPT-2 in 4.x passes False for causal layers whenever a mask is given).
     causal = getattr(module, "is_causal", None)
     causal = kwargs.get("is_causal", True) if causal is None else causal
     key_mask = _key_mask(module, attention_mask, key)
     staged_by: PooledKVCache | None = getattr(key, _STAGED_BY, None)
-    if staged_by is not None:  # a GlobalAttentionCache step: key is [current block ; new positions]
+    if staged_by is not None:  # a GlobalAttentionCache step: key is [raw positions held ; new positions]
         if not causal:
             raise ValueError(f"{_name(module)} is bidirectional; GlobalAttentionCache decodes causal layers only")
         new_mask = None if key_mask is None else key_mask[:, -query.shape[2] :]
-        out = staged_by.attend(query, block_size=block_size, key_mask=new_mask, scale=scaling)
+        out = staged_by.attend(query, block_size=block_size, window=window, key_mask=new_mask, scale=scaling)
     else:
         options = dict(causal=causal, remainder="separate", key_mask=key_mask, scale=scaling, dropout_p=dropout)
-        out = global_attention(query, key, value, block_size, **options)
+        out = global_attention(query, key, value, block_size, window=window, **options)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
 
 
@@ -161,11 +164,11 @@ class GlobalAttentionCacheLayer(CacheLayerMixin):
         return self.state.length
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the keys ``update`` will return: [current block ; new positions].
+        """(kv_length, kv_offset) of the keys ``update`` will return: [raw positions held ; new positions].
 
         ``query``: the query length (transformers 5) or the new positions (4.x)."""
         query_length = query if isinstance(query, int) else query.shape[0]
-        fill = 0 if self.state.block_key is None else self.state.block_key.shape[2]
+        fill = 0 if self.state.raw_key is None else self.state.raw_key.shape[2]
         return fill + query_length, self.state.length - fill
 
     def get_max_length(self) -> int:
@@ -184,8 +187,8 @@ class GlobalAttentionCacheLayer(CacheLayerMixin):
         self.state.index_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state.block_key is not None:
-            batch = self.state.block_key.shape[0]
+        if self.state.raw_key is not None:
+            batch = self.state.raw_key.shape[0]
             self.state.index_batch(torch.arange(batch).repeat_interleave(repeats))
 
     def crop(self, *args) -> None:
@@ -198,9 +201,10 @@ class GlobalAttentionCacheLayer(CacheLayerMixin):
 class GlobalAttentionCache(Cache):
     """A ``transformers`` ``Cache`` for causal models that run ``attn_implementation="global_attention"``.
 
-    Per layer, the keys/values of the current, unfinished block and one pooled key/value per
-    finished block: O(b + S/b) entries instead of the S of a ``DynamicCache``.  Greedy generation
-    gives the same tokens as without a cache.  ``nbytes``: the bytes held, all layers together.
+    Per layer, the keys/values of the current, unfinished block (with a window: of the raw positions
+    it reaches, from the start of their block) and one pooled key/value per finished block:
+    O(b + S/b) entries, O(w + b + S/b) with a window, instead of the S of a ``DynamicCache``.  Greedy
+    generation gives the same tokens as without a cache.  ``nbytes``: the bytes held, all layers together.
 
     >>> out = model.generate(input_ids, past_key_values=GlobalAttentionCache(), max_new_tokens=50)  # doctest: +SKIP
     """
@@ -250,10 +254,16 @@ def _check_layer(module, kwargs) -> None:
     raise ValueError(f"{_name(module)} {problem}, so it cannot use attn_implementation='global_attention'")
 
 
+def _setting(module, kwargs, key: str):
+    """(value, where it came from): the forward's ``key=`` keyword, or failing that ``config.<key>``
+    (None when neither is set)."""
+    if kwargs.get(key) is not None:
+        return kwargs[key], f"the {key}= keyword"
+    return getattr(getattr(module, "config", None), key, None), f"config.{key}"
+
+
 def _block_size(module, kwargs) -> int:
-    size, where = kwargs.get(BLOCK_SIZE_KEY), f"the {BLOCK_SIZE_KEY}= keyword"
-    if size is None:
-        size, where = getattr(getattr(module, "config", None), BLOCK_SIZE_KEY, None), f"config.{BLOCK_SIZE_KEY}"
+    size, where = _setting(module, kwargs, BLOCK_SIZE_KEY)
     if size is None:
         raise ValueError(
             f"{_name(module)} needs a block size for global attention: set model.config.{BLOCK_SIZE_KEY} = 64 "
@@ -262,6 +272,14 @@ def _block_size(module, kwargs) -> int:
         )
     checks.positive_int(BLOCK_SIZE_KEY, size, f" (from {where})")
     return int(size)
+
+
+def _window(module, kwargs) -> int | None:
+    window, where = _setting(module, kwargs, WINDOW_KEY)
+    if window is None:
+        return None
+    checks.positive_int(WINDOW_KEY, window, f" (from {where}; None: no window)")
+    return int(window)
 
 
 def _key_mask(module, attention_mask, key) -> torch.Tensor | None:
