@@ -115,6 +115,9 @@ def _parse(argv) -> argparse.Namespace:
     grid.add_argument("--long", action="store_true", help=f"also S = {list(LONG_SEQS)} for our backends alone")
     grid.add_argument("--block", type=_positive, default=128, help="the block size of the targets (default 128)")
     grid.add_argument("--all-blocks", action="store_true", help="b in 64, 128, 256, ~sqrt(S) at every S")
+    grid.add_argument(
+        "--window", type=_positive, metavar="W", help="our backends with window=W raw keys beside the global tokens"
+    )
     grid.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), metavar="MODE", help="bidir, causal")
     grid.add_argument(
         "--passes", nargs="+", choices=PASSES, default=list(PASSES), metavar="PASS", help="fwd, bwd, fwd+bwd"
@@ -185,7 +188,7 @@ def plan(args) -> list[tuple[int, int]]:
 # Contenders: a function (q, k, v) -> out per (name, b, causal), and the useful FLOPs of one pass.
 
 
-def contender(name: str, block: int | None, causal: bool) -> Callable:
+def contender(name: str, block: int | None, causal: bool, window: int | None = None) -> Callable:
     if name in DENSE:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -198,13 +201,15 @@ def contender(name: str, block: int | None, causal: bool) -> Callable:
         return dense
 
     def ours(q, k, v):
-        return global_attention(q, k, v, block, causal=causal, backend=name)
+        return global_attention(q, k, v, block, causal=causal, window=window, backend=name)
 
     return ours
 
 
-def useful_flops(name: str, seq: int, block: int, causal: bool, which: str, batch_heads: int, head_dim: int) -> float:
-    pairs = cost.attended_pairs(seq, None if name in DENSE else block, causal=causal)
+def useful_flops(
+    name: str, seq: int, block: int, causal: bool, which: str, batch_heads: int, head_dim: int, window=None
+) -> float:
+    pairs = cost.attended_pairs(seq, None if name in DENSE else block, causal=causal, window=window)
     return cost.attention_flops(pairs, head_dim, heads=batch_heads, passes=which)
 
 
@@ -407,8 +412,8 @@ class Bench:
         for causal in (False, True):
             mode = "causal" if causal else "bidir"
             q, k, v, grad_out = (torch.randn(shape, device=self.device) for _ in range(4))
-            reference = _forward_backward("reference", (q, k, v, grad_out), args.block, causal, torch.float32)
-            naive = _forward_backward("reference", (q, k, v, grad_out), args.block, causal, low)
+            reference = _forward_backward("reference", (q, k, v, grad_out), args, causal, torch.float32)
+            naive = _forward_backward("reference", (q, k, v, grad_out), args, causal, low)
             naive_errors = [_relative_error(a, r) for a, r in zip(naive, reference)]
             for name in ours:
                 if name in self.unavailable:
@@ -416,7 +421,7 @@ class Bench:
                 for dtype in (torch.float32, low):
                     entry = {"backend": name, "mode": mode, "dtype": str(dtype).removeprefix("torch.")}
                     try:
-                        got = _forward_backward(name, (q, k, v, grad_out), args.block, causal, dtype)
+                        got = _forward_backward(name, (q, k, v, grad_out), args, causal, dtype)
                     except Exception as error:  # not available (yet), or broken
                         entry |= {"status": "skipped", "reason": _reason(error)}
                         self.report["gate"].append(entry)
@@ -465,11 +470,14 @@ class Bench:
             row = {
                 "seq": seq,
                 "block_size": None if name in DENSE else block,
+                "window": None if name in DENSE else args.window,
                 "mode": mode,
                 "pass": which,
                 "contender": name,
                 "status": "ok",
-                "useful_flops": useful_flops(name, seq, block, causal, which, args.batch * args.heads, args.head_dim),
+                "useful_flops": useful_flops(
+                    name, seq, block, causal, which, args.batch * args.heads, args.head_dim, window=args.window
+                ),
             }
             rows[name] = row
             reason = self.skip_reason(name, seq)
@@ -478,7 +486,7 @@ class Bench:
                 continue
             try:
                 start = time.perf_counter()
-                call = pass_call(contender(name, block, causal), which, q, k, v, grad_out)
+                call = pass_call(contender(name, block, causal, args.window), which, q, k, v, grad_out)
                 call()
                 timer.sync()
                 row["first_call_s"] = time.perf_counter() - start  # compile, autotune, first run
@@ -551,9 +559,9 @@ class _DeviceBroken(RuntimeError):
     """A CUDA error that leaves the context unusable (illegal address, launch failure)."""
 
 
-def _forward_backward(backend: str, tensors, block: int, causal: bool, dtype) -> list[torch.Tensor]:
+def _forward_backward(backend: str, tensors, args, causal: bool, dtype) -> list[torch.Tensor]:
     """out, dq, dk, dv of one backend at ``dtype`` (as float32), for a given upstream gradient."""
-    attention = partial(global_attention, block_size=block, causal=causal, backend=backend)
+    attention = partial(global_attention, block_size=args.block, causal=causal, window=args.window, backend=backend)
     return [t.float() for t in common.output_and_grads(attention, *tensors, dtype=dtype)]
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
@@ -63,6 +65,26 @@ def test_smoke_runs_the_pipeline_and_writes_json(tmp_path):
     lines = done.stdout.rstrip().splitlines()
     assert lines[-1] == f"wrote {out}"
     assert any(line.startswith("targets (same card, same run)") for line in lines[-12:])
+
+
+def test_window_rows_run_our_backends_with_the_window(tmp_path):
+    out = tmp_path / "window.json"
+    done = _run("--smoke", "--window", "8", "--seq", "512", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert all(g["status"] == "passed" for g in report["gate"])  # the gate ran with the window too
+    rows = [r for r in report["rows"] if r["contender"] == "torch" and r["pass"] == "fwd"]
+    assert rows and all(r["window"] == 8 and r["status"] == "ok" for r in rows)
+    for r in rows:  # 8 raw keys (causal) or 15 (bidirectional) per query, cut at the ends, plus the global tokens
+        pos = torch.arange(r["seq"])
+        offset = pos[:, None] - pos[None]
+        raw = ((offset >= 0) & (offset < 8)) if r["mode"] == "causal" else offset.abs() < 8
+        blocks = -(-r["seq"] // r["block_size"]) if r["mode"] == "causal" else r["seq"] // r["block_size"]
+        globals_seen = r["seq"] * blocks if r["mode"] == "bidir" else sum(
+            min(p // r["block_size"], blocks) for p in range(r["seq"])
+        )  # fmt: skip
+        heads = report["config"]["batch"] * report["config"]["heads"]
+        assert r["useful_flops"] == 4.0 * report["config"]["head_dim"] * heads * (int(raw.sum()) + globals_seen)
 
 
 def test_without_cuda_it_refuses_in_one_line(tmp_path):

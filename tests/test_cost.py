@@ -86,12 +86,30 @@ def test_dense_is_every_visible_key(seq_len, causal):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seq_len=st.integers(1, 40), block_size=st.integers(1, 12), causal=st.booleans(), own=st.booleans())
-def test_counts_what_the_library_attends(seq_len, block_size, causal, own):
+@given(
+    seq_len=st.integers(1, 40),
+    block_size=st.integers(1, 12),
+    causal=st.booleans(),
+    own=st.booleans(),
+    window=st.none() | st.integers(1, 45),
+)
+def test_counts_what_the_library_attends(seq_len, block_size, causal, own, window):
     scope = "own" if own and not causal else "all"
     zeros = torch.zeros(1, 1, seq_len, 1)  # all-zero queries: every allowed cell gets a positive weight
-    attended = int((attention_weights(zeros, zeros, block_size, causal=causal, scope=scope) > 0).sum())
-    assert cost.attended_pairs(seq_len, block_size, causal=causal, scope=scope) == attended
+    weights = attention_weights(zeros, zeros, block_size, causal=causal, scope=scope, window=window)
+    attended = int((weights > 0).sum())
+    assert cost.attended_pairs(seq_len, block_size, causal=causal, scope=scope, window=window) == attended
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq_len=st.integers(1, 40), window=st.integers(1, 45), causal=st.booleans())
+def test_window_pairs_are_the_cells_within_the_window(seq_len, window, causal):
+    pos = torch.arange(seq_len)
+    offset = pos[:, None] - pos[None, :]  # p - s
+    seen = (offset >= 0) & (offset < window) if causal else offset.abs() < window
+    assert cost.window_pairs(seq_len, window, causal=causal) == int(seen.sum())
+    with_globals = cost.attended_pairs(seq_len, 4, causal=causal, window=window)
+    assert with_globals == int(seen.sum()) + cost.local_and_global_pairs(seq_len, 4, causal=causal)[1]
 
 
 @pytest.mark.parametrize(

@@ -40,17 +40,36 @@ def local_and_global_pairs(
     return (blocks - 1) * block_size**2 + last**2, seq_len * blocks
 
 
+def window_pairs(seq_len: int, window: int, *, causal: bool = False) -> int:
+    """(query, key) pairs of a sliding window over ``seq_len`` tokens: ``p - w < s <= p`` causal,
+    ``|s - p| < w`` bidirectional, cut off at the sequence's ends."""
+    checks.positive_int("seq_len", seq_len)
+    checks.positive_int("window", window)
+    w = min(window, seq_len)
+    one_side = w * (w - 1) // 2 + (seq_len - w) * (w - 1)  # earlier keys within the window, summed over p
+    return seq_len + one_side * (1 if causal else 2)
+
+
 def attended_pairs(
-    seq_len: int, block_size: int | None, *, causal: bool = False, scope: str = "all", remainder: str | None = None
+    seq_len: int,
+    block_size: int | None,
+    *,
+    causal: bool = False,
+    scope: str = "all",
+    remainder: str | None = None,
+    window: int | None = None,
 ) -> int:
     """Pairs one head scores over ``seq_len`` tokens: global attention, or dense when ``block_size`` is None.
 
-    ``scope="own"`` (bidirectional only) sees one global token per query instead of all of them.
+    ``scope="own"`` (bidirectional only) sees one global token per query instead of all of them;
+    ``window=w``: the local keys are each query's window instead of its block.
     """
     checks.mode(causal, scope, remainder)
     if block_size is None:
         return dense_pairs(seq_len, causal=causal)
     local, every_global = local_and_global_pairs(seq_len, block_size, causal=causal, remainder=remainder)
+    if window is not None:
+        local = window_pairs(seq_len, window, causal=causal)
     return local + (seq_len if scope == "own" else every_global)
 
 
