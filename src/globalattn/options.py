@@ -41,6 +41,10 @@ class AttentionOptions:
     scale: float
     top_blocks: int = 0
     window: int | None = None  # w: local keys are the raw positions within w of the query, not its block
+    document_ids: torch.Tensor | None = None  # (B, S) int, non-decreasing: packed documents, each on its own
+    # Their blocks, set by the API once it has laid the rows end to end as one (B = 1) row; what
+    # the backends read instead of document_ids.
+    documents: spec.DocumentBlocks | None = None
     dropout_p: float = 0.0
     # Kept even when empty (T = 0): the gradient of a context-parallel all-gather must reach every
     # rank's backward, causal rank 0's too, whose queries see none of the other ranks' tokens.
@@ -74,6 +78,7 @@ def _resolve(
     scale: float | None = None,
     top_blocks: int = 0,
     window: int | None = None,
+    document_ids: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     extra_global_tokens=None,
 ) -> AttentionOptions:
@@ -106,6 +111,8 @@ def _resolve(
         checks.positive_int("window", window, " (or None: the own block's keys)")
     checks.probability("dropout_p", dropout_p)
     extra = _check_extra_global_tokens(extra_global_tokens, key, value, scope, top_blocks)
+    if document_ids is not None:
+        _check_document_ids(document_ids, (batch, seq_len), q_len, query.device, extra)
     return AttentionOptions(
         # A block longer than the sequence cuts the same single block as b = S; clamping keeps the
         # index arithmetic of every backend inside int64 for any int the caller passes.
@@ -118,6 +125,7 @@ def _resolve(
         top_blocks=int(top_blocks),
         # A window longer than the sequence sees what w = S sees (every key, or every earlier one).
         window=None if window is None else min(int(window), seq_len),
+        document_ids=document_ids,
         dropout_p=float(dropout_p),
         extra_global_tokens=extra,
     )
@@ -162,3 +170,24 @@ def _check_extra_global_tokens(extra, key, value, scope: str, top_blocks: int) -
     if top_blocks:
         raise ValueError(f"{name} cannot be used with top_blocks > 0: routing needs the raw keys of those blocks")
     return GlobalTokens(extra_key, extra_value, present)
+
+
+def _check_document_ids(ids, shape: tuple, q_len: int, device, extra) -> None:
+    """(B, S) integers, non-decreasing along S (docs/semantics.md, "Packed sequences")."""
+    name = "document_ids"
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (B, S) = {shape}, got {checks.describe(ids)}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must have shape (B, S) = {shape}, got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but query is on {device}; they must match")
+    if q_len != shape[1]:
+        raise ValueError(f"{name} needs queries at every position (L == S), got L={q_len} and S={shape[1]}")
+    if extra is not None:
+        raise ValueError(f"{name} cannot be used with extra_global_tokens: which document would they belong to?")
+    if bool((ids[:, 1:] < ids[:, :-1]).any()):
+        row, pos = (ids[:, 1:] < ids[:, :-1]).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} must be non-decreasing along S (one run of positions per document): row {row} goes from "
+            f"{int(ids[row, pos])} to {int(ids[row, pos + 1])} at position {pos + 1}"
+        )

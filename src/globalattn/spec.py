@@ -13,6 +13,9 @@ Every backend builds on these helpers, so that the rules below are written exact
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 
 REMAINDER_RULES = ("merge", "separate")
@@ -51,24 +54,31 @@ def block_index(seq_len: int, block_size: int, remainder: str, device: torch.dev
 
 
 def pool_blocks(
-    xs: tuple[torch.Tensor, ...], block_size: int, remainder: str, key_mask: torch.Tensor | None
+    xs: tuple[torch.Tensor, ...],
+    block_size: int,
+    remainder: str,
+    key_mask: torch.Tensor | None,
+    documents: DocumentBlocks | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Global tokens: the mean of each block's real tokens, for each tensor in ``xs``.
 
     xs: tensors of shape (B, H, S, D) (keys and values: the same blocks, their own head dims);
-    key_mask: (B, S) bool or None.  Returns the means, each (B, H, G, D) in its input's dtype
-    (summed in float32 or better), and ``present`` (B, G) bool: False for a block without a real
-    token, whose mean is zero and must never be attended to.
+    key_mask: (B, S) bool or None; ``documents``: the blocks of packed documents (B = 1) instead of
+    the uniform ones.  Returns the means, each (B, H, G, D) in its input's dtype (summed in float32
+    or better), and ``present`` (B, G) bool: False for a block without a real token, whose mean is
+    zero and must never be attended to.
     """
     batch, _, seq_len, _ = xs[0].shape
     acc_dtype = torch.promote_types(xs[0].dtype, torch.float32)
-    counts = real_token_counts(key_mask, batch, seq_len, block_size, remainder, xs[0].device, acc_dtype)
+    if documents is None:
+        sums = partial(_block_sums, block_size=block_size, remainder=remainder)
+        counts = real_token_counts(key_mask, batch, seq_len, block_size, remainder, xs[0].device, acc_dtype)
+    else:
+        sums = documents.block_sums
+        real = xs[0].new_ones(batch, seq_len, dtype=acc_dtype) if key_mask is None else key_mask.to(acc_dtype)
+        counts = sums(real[:, None, :, None])[:, 0, :, 0]  # (1, G)
     inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
-
-    means = tuple(
-        (_block_sums(zero_padding(x, key_mask).to(acc_dtype), block_size, remainder) * inverse_counts).to(x.dtype)
-        for x in xs
-    )
+    means = tuple((sums(zero_padding(x, key_mask).to(acc_dtype)) * inverse_counts).to(x.dtype) for x in xs)
     return means, counts > 0
 
 
@@ -81,7 +91,7 @@ def zero_padding(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor
 def real_token_counts(
     key_mask: torch.Tensor | None, batch: int, seq_len: int, block_size: int, remainder: str, device, dtype
 ) -> torch.Tensor:
-    """(B, G): how many real tokens each block holds, the denominator of its global token."""
+    """(B, G): how many real tokens each (uniform) block holds, the denominator of its global token."""
     if key_mask is None:
         weights = torch.ones(batch, seq_len, dtype=dtype, device=device)
     else:
@@ -100,6 +110,58 @@ def _block_sums(x: torch.Tensor, block_size: int, remainder: str) -> torch.Tenso
     if remainder == "separate" or full == 0:
         return torch.cat([sums, tail], dim=-2)
     return torch.cat([sums[..., :-1, :], sums[..., -1:, :] + tail], dim=-2)
+
+
+@dataclass(frozen=True)
+class DocumentBlocks:
+    """The blocks of packed documents (docs/semantics.md, "Packed sequences") along one row of N
+    positions: each document cut into blocks from its first position, the remainder rule applied
+    per document, so that no block spans two documents.  Every field is an int64 tensor."""
+
+    starts: torch.Tensor  # (G,) first position of each block
+    ends: torch.Tensor  # (G,) one past its last
+    block_of: torch.Tensor  # (N,) the block of every position
+    first_block: torch.Tensor  # (G,) the first block of each block's document (equal: the same document)
+    last_block: torch.Tensor  # (G,) the last block of it
+    doc_start: torch.Tensor  # (G,) the first position of each block's document
+    doc_end: torch.Tensor  # (G,) one past its last
+
+    def block_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over each block of dim -2: (1, H, N, D) -> (1, H, G, D)."""
+        sums = x.new_zeros(*x.shape[:-2], self.starts.numel(), x.shape[-1])
+        return sums.index_add_(-2, self.block_of, x)
+
+
+def document_blocks(document_ids: torch.Tensor, block_size: int, remainder: str) -> DocumentBlocks:
+    """The blocks of ``document_ids`` (B, S), its rows laid end to end as one row of B * S positions
+    (a row's first position always starts a document).  Built with tensor ops, whatever the number
+    of documents."""
+    seq_len = document_ids.shape[1]
+    ids = document_ids.reshape(-1)
+    device = ids.device
+    pos = torch.arange(ids.numel(), device=device)
+    new_doc = (pos % seq_len == 0) | torch.cat([ids.new_ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])
+    doc_starts = pos[new_doc]  # (D,)
+    doc_ends = torch.cat([doc_starts[1:], pos.new_full((1,), ids.numel())])
+    lengths = doc_ends - doc_starts
+    per_doc = (lengths // block_size).clamp(min=1) if remainder == "merge" else -(-lengths // block_size)
+    first = per_doc.cumsum(0) - per_doc  # (D,) each document's first block
+    doc = torch.repeat_interleave(torch.arange(doc_starts.numel(), device=device), per_doc)  # (G,) block -> doc
+    nth = torch.arange(doc.numel(), device=device) - first[doc]  # block's index within its document
+    starts = doc_starts[doc] + nth * block_size
+    is_last = nth == per_doc[doc] - 1  # a document's last block runs to its end (a merged tail)
+    ends = torch.where(is_last, doc_ends[doc], torch.minimum(starts + block_size, doc_ends[doc]))
+    doc_of = new_doc.cumsum(0) - 1  # (N,) document of every position
+    within = torch.minimum((pos - doc_starts[doc_of]) // block_size, per_doc[doc_of] - 1)
+    return DocumentBlocks(
+        starts=starts,
+        ends=ends,
+        block_of=first[doc_of] + within,
+        first_block=first[doc],
+        last_block=(first + per_doc - 1)[doc],
+        doc_start=doc_starts[doc],
+        doc_end=doc_ends[doc],
+    )
 
 
 def local_visible(

@@ -13,6 +13,7 @@ from globalattn.harness.attention import (
     make_attention,
     make_context_parallel_attention,
     matched_window,
+    positions_in_documents,
     resolved_block_size,
     resolved_window,
 )
@@ -99,6 +100,61 @@ def test_local_and_sliding_gradients_match_brute_force(name):
     (brute_force(name, q, k, v, causal=True, block_size=7, window=7)[0] * upstream).sum().backward()
     for g, x in zip(got, (q, k, v)):
         torch.testing.assert_close(g, x.grad, rtol=1e-9, atol=1e-9)
+
+
+def packed_ids(lengths: list[int], batch: int = 2) -> torch.Tensor:
+    """(batch, sum(lengths)) document ids 0, 0, ..., 1, ...: document i is lengths[i] positions long."""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).expand(batch, -1)
+
+
+# Documents shorter than a block, one block plus a short tail (merged when bidirectional), a single
+# position, one exactly two blocks long: b = 6.
+DOCUMENTS = [4, 9, 1, 12, 7]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_documents_are_each_attended_as_if_alone(name, causal):
+    """docs/semantics.md, "Packed sequences", for every variant: each document's rows equal the variant
+    run on that document alone, and the packed call differs from one over the unpacked row."""
+    if name == "global-own" and causal:
+        pytest.skip("global-own is bidirectional only")
+    q, k, v = random_qkv(sum(DOCUMENTS))
+    attend = make_attention(name, causal=causal, block_size=6, window=5)
+    packed = attend(q, k, v, document_ids=packed_ids(DOCUMENTS))
+    start = 0
+    for length in DOCUMENTS:
+        doc = slice(start, start + length)
+        alone = attend(q[:, :, doc], k[:, :, doc], v[:, :, doc])
+        torch.testing.assert_close(packed[:, :, doc], alone, rtol=1e-10, atol=1e-10)
+        start += length
+    assert not torch.allclose(packed, attend(q, k, v))
+
+
+@pytest.mark.parametrize("name", ["dense", "local", "sliding"])
+def test_packed_gradients_are_those_of_each_document_alone(name):
+    """The harness's own masks (dense, local, sliding) under backward: the packed gradients of every
+    document equal those of the document run alone."""
+    q, k, v = (x.requires_grad_() for x in random_qkv(sum(DOCUMENTS)))
+    upstream = torch.randn(2, 3, sum(DOCUMENTS), 8, dtype=torch.float64)
+    attend = make_attention(name, causal=True, block_size=6, window=5)
+    (attend(q, k, v, document_ids=packed_ids(DOCUMENTS)) * upstream).sum().backward()
+    packed = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    start = 0
+    for length in DOCUMENTS:
+        doc = slice(start, start + length)
+        (attend(q[:, :, doc], k[:, :, doc], v[:, :, doc]) * upstream[:, :, doc]).sum().backward()
+        start += length
+    for got, x in zip(packed, (q, k, v)):
+        torch.testing.assert_close(got, x.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_positions_count_from_each_documents_start():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1], [5, 5, 5, 5, 5, 5, 5, 5]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert torch.equal(positions_in_documents(ids), expected)
 
 
 def test_sliding_window_is_matched_to_global_cost():

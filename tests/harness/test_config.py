@@ -68,8 +68,17 @@ def test_a_runs_model_leaves_the_data_to_the_task(model, message):
         (dict(lr=float("inf")), "lr must be a positive number, got inf"),
         (dict(precision="fp8"), "precision must be one of 'fp32', 'bf16'; got 'fp8'"),
         (dict(context_parallel=0), "context_parallel must be a positive int, got 0"),
+        (dict(pack="yes"), "pack must be True or False, got 'yes'"),
+        (dict(pack=True), r"language-model tasks \(shakespeare, pystdlib\), not mqar"),
+        (dict(task="shakespeare", pack=True, context_parallel=2), "--pack runs without --context-parallel"),
     ],
 )
 def test_bad_run_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(task="mqar", model=ModelConfig(context=64, attention="dense"), **changes)
+        TrainConfig(**{"task": "mqar", "model": ModelConfig(context=64, attention="dense"), **changes})
+
+
+def test_packing_is_off_by_default_and_on_for_the_language_model_tasks():
+    model = ModelConfig(context=64, attention="dense")
+    assert TrainConfig(task="shakespeare", model=model).pack is False
+    assert TrainConfig(task="pystdlib", model=model, pack=True).pack is True

@@ -13,6 +13,8 @@ from globalattn.harness.tasks.listops import OPERATORS, PAD, VOCAB
 from globalattn.harness.tasks.passkey import DIGITS, accuracy_by_depth
 from globalattn.harness.tasks.text import STDLIB_MODULES
 
+PACKING = sorted(name for name, task in TASKS.items() if task.packs)
+
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_batches_are_a_function_of_seed_split_and_index(name):
@@ -171,3 +173,42 @@ def test_pystdlib_corpus_is_pinned_and_checksummed():
     assert task.describe()["sha256"] == make_task("pystdlib", 256).describe()["sha256"]
     assert len(task.val_names) == len(STDLIB_MODULES) // 10
     assert b"def " in bytes(task.batch("val", 0, 8)["tokens"].flatten().tolist())
+
+
+def test_the_language_model_tasks_pack():
+    assert PACKING == ["pystdlib", "shakespeare"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("name", PACKING)
+def test_packed_rows_are_the_windows_cut_at_document_boundaries(name, split):
+    """Each play or module, with the blank line after it, is a document.  A packed row holds the bytes of
+    the unpacked row; its ids number the documents (pieces) it meets 0, 1, ...; its targets are the next
+    bytes but where the next byte starts another document.  Checked against the documents joined here."""
+    context, rows = 4096, 128
+    task, unpacked = make_task(name, context, pack=True), make_task(name, context)
+    documents = task.documents()
+    held_out = split == "val"
+    parts = [data for doc, data in documents.items() if (doc in task.val_names) == held_out]
+    text = b"\n\n".join(parts)
+    sizes = [len(part) + 2 for part in parts[:-1]] + [len(parts[-1])]
+    owner = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(sizes))  # the document of each byte
+    batch = task.batch(split, 3, rows)
+    assert set(batch) == {"tokens", "targets", "document_ids"}
+    assert batch["tokens"].shape == batch["document_ids"].shape == (rows, context)  # full rows: no padding
+    assert torch.equal(batch["tokens"], unpacked.batch(split, 3, rows)["tokens"])
+    for tokens, ids, targets in zip(batch["tokens"], batch["document_ids"], batch["targets"]):
+        start = text.find(bytes(tokens.tolist()))
+        docs = owner[start : start + context + 1] - owner[start]
+        assert torch.equal(ids, docs[:-1])
+        following = torch.tensor(list(text[start + 1 : start + context + 1]))
+        assert torch.equal(targets, following.masked_fill(docs[1:] != docs[:-1], IGNORE))
+    documents_per_row = batch["document_ids"][:, -1] + 1
+    assert (documents_per_row > 1).any(), "no row meets a document boundary: the test checks nothing"
+
+
+@pytest.mark.parametrize("name", sorted(set(TASKS) - set(PACKING)))
+def test_packing_is_refused_where_rows_are_not_documents(name):
+    message = rf"--pack packs the documents of the language-model tasks \(shakespeare, pystdlib\), not {name}$"
+    with pytest.raises(ValueError, match=message):
+        make_task(name, 128, pack=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -19,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from globalattn.cli import main
 from globalattn.harness import train as training
 from globalattn.harness.config import ModelConfig, TrainConfig
+from globalattn.harness.tasks import make_task
 from globalattn.harness.train import NonFiniteLoss, train
+from globalattn.harness.transformer import Transformer
 
 TINY = TrainConfig(
     task="shakespeare",
@@ -220,8 +223,12 @@ def free_port() -> int:
 
 @pytest.mark.parametrize(
     "sharding, attention",
-    [([], "global"), (["--fsdp"], "global"), (["--context-parallel", "2"], "global"),
-     (["--context-parallel", "2"], "global-window")],  # fmt: skip
+    [
+        ([], "global"),
+        (["--fsdp"], "global"),
+        (["--context-parallel", "2"], "global"),
+        (["--context-parallel", "2"], "global-window"),
+    ],
     ids=["ddp", "fsdp2", "context-parallel", "context-parallel-window"],
 )
 def test_two_gloo_processes_train_as_one(tmp_path, sharding, attention):
@@ -304,6 +311,34 @@ def test_cli_trains_global_window_and_records_its_window(tmp_path, task, window)
     assert metrics["window"] == (8 if window is None else window)  # the default: the block size
 
 
+def test_packed_training_hands_the_model_each_batchs_document_ids(monkeypatch):
+    seen = []
+    real_forward = Transformer.forward
+
+    def recording(self, tokens, document_ids=None):
+        seen.append(document_ids)
+        return real_forward(self, tokens, document_ids)
+
+    monkeypatch.setattr(Transformer, "forward", recording)
+    config = tiny(task="pystdlib", pack=True, steps=2, eval_every=2)
+    summary = train(config)
+    assert summary["config"]["pack"] is True and math.isfinite(summary["final"]["val_loss"])
+    task = make_task("pystdlib", config.model.context, pack=True)
+    expected = [task.batch("train", 0, 4), task.batch("train", 1, 4), task.batch("val", 0, 4)]  # 2 steps, 1 eval
+    assert len(seen) == len(expected)
+    for ids, batch in zip(seen, expected):
+        assert torch.equal(ids, batch["document_ids"])
+
+
+def test_cli_trains_packed_text_and_records_pack(tmp_path):
+    argv = "train --task shakespeare --attention global --context 64 --steps 2 --batch 2 --d-model 16 --heads 2"
+    more = ["--eval-examples", "1", "--no-progress"]
+    for pack in (True, False):
+        out = tmp_path / f"pack-{pack}"
+        assert main([*argv.split(), *(["--pack"] if pack else []), *more, "--out", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["config"]["pack"] is pack
+
+
 def test_only_the_variants_with_a_window_record_one():
     recorded = {name: "window" in train(tiny(attention=name, steps=1, eval_every=1)) for name in ("global", "sliding")}
     assert recorded == {"global": False, "sliding": True}
@@ -320,6 +355,14 @@ def test_only_the_variants_with_a_window_record_one():
         (["--task", "mqar", "--attention", "global", "--context", "64", "--context-parallel", "2"], "language-model"),
         (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "2"], "torchrun"),
         (["--task", "shakespeare", "--attention", "global", "--context", "64", "--context-parallel", "0"], "positive"),
+        (
+            ["--task", "mqar", "--attention", "dense", "--context", "64", "--pack"],
+            "--pack packs the documents of the language-model tasks (shakespeare, pystdlib), not mqar",
+        ),
+        (
+            ["--task", "shakespeare", "--attention", "global", "--context", "64", "--pack", "--context-parallel", "2"],
+            "--pack runs without --context-parallel",
+        ),
         *(
             (["--task", "mqar", "--attention", "dense", "--context", "64", "--task-option", option], message)
             for option, message in [

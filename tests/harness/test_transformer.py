@@ -1,5 +1,6 @@
-"""The harness's transformer: causality, equal parameters for every attention, pooling, its
-attention cost, and a model without the data's fields refused."""
+"""The harness's transformer: causality, packed rows equal to their documents alone, equal
+parameters for every attention, pooling, its attention cost, and a model without the data's fields
+refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 
 from globalattn.harness.config import ATTENTIONS, ModelConfig
-from globalattn.harness.transformer import DecoderLM, EncoderClassifier, attention_cost, build_model
+from globalattn.harness.transformer import (
+    DecoderLM,
+    EncoderClassifier,
+    RotaryEmbedding,
+    attention_cost,
+    build_model,
+)
 
 CAUSAL_NAMES = [name for name in (*ATTENTIONS, "global-top2") if name != "global-own"]
 BIDIRECTIONAL_NAMES = [*ATTENTIONS, "global-top1"]
@@ -27,6 +34,51 @@ def test_decoder_is_causal(name):
         before, after = model(tokens), model(changed)
     torch.testing.assert_close(before[:, :30], after[:, :30], rtol=0, atol=0)
     assert not torch.allclose(before[:, 30:], after[:, 30:])
+
+
+@pytest.mark.parametrize("name", CAUSAL_NAMES)
+def test_decoder_on_a_packed_row_equals_each_document_alone(name):
+    """Logits of packed documents (float64) are those of each document run alone: the attention sees no
+    other document.  Documents shorter than a block, with a short tail, and longer than the window."""
+    lengths = [5, 19, 1, 23]
+    config = ModelConfig(
+        context=48, attention=name, vocab_size=50, causal=True, d_model=32, n_head=2, block_size=8, window=9
+    )
+    model = DecoderLM(config).double().eval()
+    tokens = torch.randint(50, (2, 48))
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).expand(2, -1)
+    with torch.no_grad():
+        packed = model(tokens, ids)
+        start = 0
+        for length in lengths:
+            alone = model(tokens[:, start : start + length])
+            torch.testing.assert_close(packed[:, start : start + length], alone, rtol=1e-10, atol=1e-10)
+            start += length
+        assert not torch.allclose(packed, model(tokens))
+
+
+def test_rope_positions_restart_at_each_document(monkeypatch):
+    """Each document is rotated from position 0, as alone.  (RoPE's scores depend on position
+    differences only, so the logits test above sees a shift only at float32 table rounding: this
+    checks the positions themselves.)"""
+    seen = []
+    real_forward = RotaryEmbedding.forward
+
+    def recording(self, x, positions):
+        seen.append(positions)
+        return real_forward(self, x, positions)
+
+    monkeypatch.setattr(RotaryEmbedding, "forward", recording)
+    model = DecoderLM(
+        ModelConfig(context=16, attention="global", vocab_size=20, causal=True, d_model=16, n_head=2, n_layer=1)
+    )
+    ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16])
+    model(torch.randint(20, (2, 16)), ids)
+    expected = torch.tensor([[*range(5), *range(11)], [*range(16)]])
+    assert len(seen) == 2 and all(torch.equal(positions, expected) for positions in seen)  # queries, keys
+    seen.clear()
+    model(torch.randint(20, (2, 16)))
+    assert len(seen) == 2 and all(torch.equal(positions, torch.arange(16)) for positions in seen)
 
 
 def test_every_variant_has_the_same_parameters():

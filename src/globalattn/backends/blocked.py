@@ -37,9 +37,15 @@ def unsupported(query, key, value, options) -> None:
 
 
 def attention(query, key, value, options):
+    documents = options.documents
     (key_global, value_global), present = spec.pool_blocks(
-        (key, value), options.block_size, options.remainder, options.key_mask
+        (key, value), options.block_size, options.remainder, options.key_mask, documents
     )
+    # Packed documents travel to the op as one (6, G) table of their blocks.
+    document_table = None
+    if documents is not None:
+        parts = ("starts", "ends", "first_block", "last_block", "doc_start", "doc_end")
+        document_table = torch.stack([getattr(documents, name) for name in parts])
     if options.extra_global_tokens is not None:
         # Tokens from outside the call are global columns ahead of the call's own (blocks -T .. -1,
         # before every block here); their gradients flow back through the concatenation.
@@ -60,15 +66,22 @@ def attention(query, key, value, options):
         options.num_extra,
         options.window,
     )
-    return _forward_op(query, key, value, key_global, value_global, present, options.key_mask, seed, *flags)
+    return _forward_op(
+        query, key, value, key_global, value_global, present, options.key_mask, seed, document_table, *flags
+    )
 
 
 def _plan(
-    query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale, top_blocks, dropout_p,
-    num_extra, window,
+    query, key, value, present, key_mask, seed, document_table, block_size, causal, scope, remainder, scale,
+    top_blocks, dropout_p, num_extra, window,
 ):  # fmt: skip
     """The options and chunks of one call (forward and backward plan the same)."""
-    starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)  # planned on the CPU
+    if document_table is None:  # planned on the CPU
+        starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)
+        table = None
+    else:
+        table = document_table.cpu()
+        starts, ends = table[0], table[1]
     return _Options(
         causal=causal,
         scope=scope,
@@ -83,7 +96,8 @@ def _plan(
         num_extra=num_extra,
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
-        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window),
+        block_document=None if document_table is None else document_table[2],
+        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window, table),
     )
 
 
@@ -120,10 +134,13 @@ class _Options:
     num_extra: int  # T: global columns 0 .. T-1 hold tokens from outside the call, column T + j block j
     block_starts: torch.Tensor  # (G,) first position of each block
     block_ends: torch.Tensor  # (G,) one past its last position
+    block_document: torch.Tensor | None  # (G,) packed documents: the first block of each block's document
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window) -> list[_Chunk]:
+def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window, documents):
+    """``documents``: None, or the (6, G) table of packed documents' blocks (their starts, ends, and
+    their documents' first and last blocks, first and one-past-last positions)."""
     batch, q_heads, q_len, _ = query.shape
     seq_len = key.shape[2]
     if batch * q_heads * q_len == 0:
@@ -137,14 +154,19 @@ def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num
     q_start = starts.clamp(min=offset)  # each block's first query position
     blocks = torch.nonzero(ends > q_start)[:, 0]  # the blocks that hold queries
     key_lo, key_hi = starts, ends  # the keys a tile's queries may see: its block's, or their windows'
-    if window is not None:
-        key_lo = (q_start - window + 1).clamp(min=0)
-        key_hi = ends if causal else (ends + window - 1).clamp(max=seq_len)
+    if window is not None:  # within the document
+        doc_start, doc_end = (0, seq_len) if documents is None else (documents[4], documents[5])
+        key_lo = torch.maximum(q_start - window + 1, torch.as_tensor(doc_start))
+        key_hi = ends if causal else torch.minimum(ends + window - 1, torch.as_tensor(doc_end))
+    # The global tokens a tile may see are its document's (all of them without documents).
+    doc_blocks = (torch.zeros_like(starts), torch.full_like(starts, num_global - 1)) if documents is None else (
+        documents[2], documents[3]
+    )  # fmt: skip
     q_width, k_width = int((ends - q_start)[blocks].max()), int((key_hi - key_lo)[blocks].max())
     per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * q_width * (k_width + per_row)))
     chunks = [
         _make_chunk(
-            index, tile_blocks, q_start - offset, ends - offset, key_lo, key_hi, causal, scope, num_global, num_extra
+            index, tile_blocks, q_start - offset, ends - offset, key_lo, key_hi, causal, scope, doc_blocks, num_extra
         )  # fmt: skip
         for index, tile_blocks in enumerate(blocks.split(per_chunk))
     ]
@@ -152,15 +174,17 @@ def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num
     return [_to_device(chunk, device) for chunk in chunks]
 
 
-def _make_chunk(index, blocks, row_start, row_end, key_start, key_end, causal, scope, num_global, num_extra):
+def _make_chunk(index, blocks, row_start, row_end, key_start, key_end, causal, scope, doc_blocks, num_extra):
     query_rows, query_real = _tile(row_start[blocks], row_end[blocks])
     key_pos, key_real = _tile(key_start[blocks], key_end[blocks])
-    if causal:
-        global_cols = slice(0, num_extra + int(blocks.max()))  # a query in block c sees blocks j < c
+    first, last = int(blocks.min()), int(blocks.max())
+    doc_first, doc_last = int(doc_blocks[0][first]), int(doc_blocks[1][last])  # the span of the tiles' documents
+    if causal:  # a query in block c sees blocks j < c (of its document); extra tokens lead
+        global_cols = slice(0 if num_extra else doc_first, num_extra + last)
     elif scope == "own":  # (never with extra tokens)
-        global_cols = slice(int(blocks.min()), int(blocks.max()) + 1)
+        global_cols = slice(first, last + 1)
     else:
-        global_cols = slice(0, num_extra + num_global)
+        global_cols = slice(0 if num_extra else doc_first, num_extra + doc_last + 1)
     real_rows, real_keys = query_rows[query_real], key_pos[key_real]
     return _Chunk(
         index=index,
@@ -214,6 +238,7 @@ def _forward_op(
     present: torch.Tensor,
     key_mask: torch.Tensor | None,
     seed: torch.Tensor | None,
+    document_table: torch.Tensor | None,
     block_size: int,
     causal: bool,
     scope: str,
@@ -224,8 +249,8 @@ def _forward_op(
     num_extra: int,
     window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p, num_extra, window)  # fmt: skip
+    options = _plan(query, key, value, present, key_mask, seed, document_table, block_size, causal, scope, remainder,
+                    scale, top_blocks, dropout_p, num_extra, window)  # fmt: skip
     out, lse = _empty_outputs(query, value)  # every row is written by the one tile that holds it
     for chunk in options.chunks:
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
@@ -263,6 +288,7 @@ def _backward_op(
     present: torch.Tensor,
     key_mask: torch.Tensor | None,
     seed: torch.Tensor | None,
+    document_table: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     block_size: int,
@@ -275,8 +301,8 @@ def _backward_op(
     num_extra: int,
     window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    options = _plan(query, key, value, present, key_mask, seed, block_size, causal, scope, remainder, scale,
-                    top_blocks, dropout_p, num_extra, window)  # fmt: skip
+    options = _plan(query, key, value, present, key_mask, seed, document_table, block_size, causal, scope, remainder,
+                    scale, top_blocks, dropout_p, num_extra, window)  # fmt: skip
     inputs = (query, key, value, key_global, value_global)
     grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in inputs]
     grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
@@ -307,7 +333,7 @@ def _(grad_out, grad_lse, query, key, value, key_global, value_global, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    tensors, ctx.options = inputs[:8], inputs[8:]  # (query .. seed), (block_size .. window)
+    tensors, ctx.options = inputs[:9], inputs[9:]  # (query .. document_table), (block_size .. window)
     ctx.save_for_backward(*tensors, *output)
 
 
@@ -316,7 +342,7 @@ def _backward(ctx, grad_out, grad_lse):
     *tensors, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grads = _backward_op(grad_out, grad_lse, *tensors, out, lse, *ctx.options)
-    return (*grads, None, None, None, *(None for _ in ctx.options))
+    return (*grads, None, None, None, None, *(None for _ in ctx.options))
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -416,6 +442,8 @@ class _ChunkTiles:
         columns = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols]
         global_block = (columns - options.num_extra)[None]  # extra tokens: negative, before every block
         seen = spec.global_visible(block, global_block, options.causal, options.scope)  # (n, Gv)
+        if options.block_document is not None:  # (never with extra tokens) each document on its own
+            seen = seen & (options.block_document[global_block] == options.block_document[block])
         if exclude_own:
             seen = seen & (global_block != block)
         return (seen[None] & options.present[:, None, chunk.global_cols])[:, :, None, :]

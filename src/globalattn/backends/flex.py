@@ -94,14 +94,19 @@ def attention(query, key, value, options):
         options.key_mask,
         options.extra_global_tokens,
     )
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    documents = options.documents
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask, documents)
     if extra is not None:  # tokens from outside the call: global columns ahead of the call's own
         key_global, value_global = torch.cat([extra.key, key_global], 2), torch.cat([extra.value, value_global], 2)
         present = torch.cat([extra.present, present], dim=1)
     # With padding or extra tokens, whether a column exists differs per batch element.
     masked = key_mask is not None or extra is not None
-    plan = _plan(seq_len, q_len, block_size, remainder, options.causal, options.scope, masked, options.num_extra,
-                 options.window, TILE, query.device)  # fmt: skip
+    mode = (options.causal, options.scope, options.window, TILE)
+    if documents is None:  # the tiles depend on the shapes and options alone: planned once for them
+        plan = _uniform_plan(seq_len, q_len, block_size, remainder, masked, options.num_extra, *mode, query.device)
+    else:  # packed documents: no tile is provably full, and real columns are per element as with a mask
+        masked = True
+        plan = _plan(_Layout.of_documents(documents), seq_len, q_len, True, options.num_extra, *mode, query.device)
     keys = _columns(key, key_global, plan)  # (B, Hkv, N, D)
     values = _columns(value, value_global, plan)  # (B, Hkv, N, Dv)
     block_mask = plan.with_real_columns(key_mask, present) if masked else plan.block_mask
@@ -199,22 +204,53 @@ class _Plan:
         )
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """The blocks of the key positions, on the CPU (the tile lists are planned there): their starts
+    and ends (G,), every position's block (S,), and the first and last block of each block's
+    document (G,): 0 and G - 1 without packed documents."""
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    block_of: torch.Tensor
+    doc_first: torch.Tensor
+    doc_last: torch.Tensor
+    packed: bool  # documents restrict who sees what beyond the blocks
+
+    @staticmethod
+    def uniform(seq_len: int, block_size: int, remainder: str) -> _Layout:
+        starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+        first, last = torch.zeros_like(starts), torch.full_like(starts, starts.numel() - 1)
+        return _Layout(starts, ends, spec.block_index(seq_len, block_size, remainder), first, last, False)
+
+    @staticmethod
+    def of_documents(documents: spec.DocumentBlocks) -> _Layout:
+        parts = (documents.starts, documents.ends, documents.block_of, documents.first_block, documents.last_block)
+        return _Layout(*(x.cpu() for x in parts), True)
+
+
 @functools.lru_cache(maxsize=8)
-def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile, device) -> _Plan:
-    """Everything about one attention call that depends only on its shapes and options.
+def _uniform_plan(seq_len, q_len, block_size, remainder, masked, num_extra, causal, scope, window, tile, device):
+    """The plan without packed documents: cached, since it depends on shapes and options alone."""
+    layout = _Layout.uniform(seq_len, block_size, remainder)
+    return _plan(layout, seq_len, q_len, masked, num_extra, causal, scope, window, tile, device)
+
+
+def _plan(layout, seq_len, q_len, masked, num_extra, causal, scope, window, tile, device) -> _Plan:
+    """Everything about one attention call that the tiles need.
 
     ``masked``: which columns exist will be given per batch element (a key_mask, or extra global
     tokens with their ``present``), so no tile can be proven full, and the BlockMask from here
     serves only as a template for ``with_real_columns``.  ``num_extra``: T, global tokens from
     outside the call, in the global columns ahead of the call's own.
     """
-    num_global = num_extra + spec.num_blocks(seq_len, block_size, remainder)
+    num_global = num_extra + layout.starts.numel()
     key_columns, global_columns = _round_up(seq_len, tile), _round_up(num_global, tile)
-    partial, full = _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile)
+    partial, full = _tile_lists(layout, seq_len, q_len, causal, scope, masked, num_extra, window, tile)
     num_tiles = (key_columns + global_columns) // tile
     kv_num_blocks, kv_indices = _as_kv_blocks(partial, num_tiles)
     full_kv_num_blocks, full_kv_indices = _as_kv_blocks(full, num_tiles) if full.any() else (None, None)
-    tables = _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_global, global_columns, device)
+    tables = _tables(layout, seq_len, q_len, key_columns, num_extra, num_global, global_columns, device)
     block_mask = BlockMask.from_kv_blocks(
         kv_num_blocks.to(device),
         kv_indices.to(device),
@@ -227,7 +263,7 @@ def _plan(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extr
     return _Plan(seq_len, key_columns, global_columns, tables, causal, scope, window, block_mask)
 
 
-def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, num_extra, window, tile):
+def _tile_lists(layout, seq_len, q_len, causal, scope, masked, num_extra, window, tile):
     """Which column tiles each of the R = ceil(L / T) query-row tiles reads: (partial, full).
 
     Both select among the same (R, M) candidate tiles: a row tile's key tiles (those of its
@@ -235,8 +271,7 @@ def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, nu
     it, every cell being visible to every query of the row tile.
     """
     offset = seq_len - q_len  # query row i sits at position offset + i
-    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
-    block_of = spec.block_index(seq_len, block_size, remainder)
+    starts, ends, block_of = layout.starts, layout.ends, layout.block_of
     num_global = num_extra + starts.numel()  # global column u holds the token of block u - T
     row_tiles = torch.arange(_round_up(q_len, tile) // tile)
     first = offset + row_tiles * tile  # (R,) position of each row tile's first and last query
@@ -266,13 +301,18 @@ def _tile_lists(seq_len, q_len, block_size, remainder, causal, scope, masked, nu
     j_lo, j_hi = global_tiles * tile, ((global_tiles + 1) * tile).clamp(max=num_global) - 1  # (Mg,) inclusive
     complete = ((global_tiles + 1) * tile <= num_global)[None]  # no padding column in the tile
     c0, c1 = first_block[:, None] + num_extra, last_block[:, None] + num_extra
+    # The global columns of the row tile's documents (all of them without packed documents); the
+    # extra tokens' columns lead, read by every row.
+    doc_lo = layout.doc_first[first_block][:, None] + num_extra
+    doc_hi = layout.doc_last[last_block][:, None] + num_extra
+    in_documents = (j_lo[None] < num_extra) | ((j_hi[None] >= doc_lo) & (j_lo[None] <= doc_hi))
     if causal:  # j < c: some row sees a token of the tile iff j_lo < c1; all rows all of them iff j_hi < c0
-        global_read, global_full = j_lo[None] < c1, (j_hi[None] < c0) & complete
+        global_read, global_full = (j_lo[None] < c1) & in_documents, (j_hi[None] < c0) & complete
     elif scope == "own":  # j == c
         global_read = (j_lo[None] <= c1) & (j_hi[None] >= c0)
         global_full = (c0 == c1) & (j_lo[None] == c0) & (j_hi[None] == c0) & complete
     else:
-        global_read = torch.ones(row_tiles.numel(), global_tiles.numel(), dtype=torch.bool)
+        global_read = torch.ones(row_tiles.numel(), global_tiles.numel(), dtype=torch.bool) & in_documents
         global_full = complete.expand_as(global_read)
 
     key_tiles = _round_up(seq_len, tile) // tile
@@ -306,15 +346,16 @@ def _as_kv_blocks(selection: _Selection, num_tiles: int) -> tuple[torch.Tensor, 
     return counts[None, None], indices[None, None]
 
 
-def _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_global, global_columns, device):
+def _tables(layout, seq_len, q_len, key_columns, num_extra, num_global, global_columns, device):
     """Per query row (L,) and per column (N,) int32/bool tables for the mask_mod.
 
     query_pos, query_block: position and block of each query row.  column_block: the block of a
     key column, the block j - T of global column j (negative for the T extra tokens).
     column_global: the column holds a global token.  column_real: a key or a global token, not
-    padding (``with_real_columns`` replaces it per batch element).
+    padding (``with_real_columns`` replaces it per batch element).  block_document (packed
+    documents only): the first block of each block's document.
     """
-    block_of = spec.block_index(seq_len, block_size, remainder, device).to(torch.int32)
+    block_of = layout.block_of.to(device, torch.int32)
     query_pos = torch.arange(seq_len - q_len, seq_len, dtype=torch.int32, device=device)
     n = key_columns + global_columns
     column_block = torch.full((n,), -1, dtype=torch.int32, device=device)
@@ -326,13 +367,16 @@ def _tables(seq_len, q_len, block_size, remainder, key_columns, num_extra, num_g
     column_real = torch.zeros(n, dtype=torch.bool, device=device)
     column_real[:seq_len] = True
     column_real[key_columns : key_columns + num_global] = True
-    return dict(
+    tables = dict(
         query_pos=query_pos,
         query_block=block_of[query_pos.long()],
         column_block=column_block,
         column_global=column_global,
         column_real=column_real,
     )
+    if layout.packed:
+        tables["block_document"] = layout.doc_first.to(device, torch.int32)
+    return tables
 
 
 def _mask_mod(tables: dict, causal: bool, scope: str, window: int | None, batched: bool):
@@ -343,13 +387,17 @@ def _mask_mod(tables: dict, causal: bool, scope: str, window: int | None, batche
     """
     query_pos, query_block = tables["query_pos"], tables["query_block"]
     column_block, column_global, column_real = tables["column_block"], tables["column_global"], tables["column_real"]
+    block_document = tables.get("block_document")
 
     def global_token_attention(b, h, q_idx, kv_idx):
         row_block, col_block = query_block[q_idx], column_block[kv_idx]
         local = spec.local_visible(query_pos[q_idx], kv_idx, row_block, col_block, causal, window)
         glob = spec.global_visible(row_block, col_block, causal, scope)
         real = column_real[b, kv_idx] if batched else column_real[kv_idx]
-        return torch.where(column_global[kv_idx], glob, local) & real
+        visible = torch.where(column_global[kv_idx], glob, local) & real
+        if block_document is not None:  # each document on its own (padding columns, block -1, are not real)
+            visible = visible & (block_document[row_block] == block_document[col_block.clamp(min=0)])
+        return visible
 
     return global_token_attention
 

@@ -27,7 +27,9 @@ def attention(query, key, value, options):
     weights, lse = _weights_and_lse(query, key, options)
     if options.dropout_p > 0:
         weights = F.dropout(weights, p=options.dropout_p)
-    (value_global,), _ = spec.pool_blocks((value,), options.block_size, options.remainder, options.key_mask)
+    (value_global,), _ = spec.pool_blocks(
+        (value,), options.block_size, options.remainder, options.key_mask, options.documents
+    )
     if options.extra_global_tokens is not None:
         value_global = torch.cat([options.extra_global_tokens.value, value_global], dim=2)
     values = _with_globals(value, value_global, query.shape[1]).to(weights.dtype)  # (B, Hq, S + T + G, Dv)
@@ -40,7 +42,8 @@ def _weights_and_lse(query, key, options):
     seq_len = key.shape[2]
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     block_size, remainder, key_mask = options.block_size, options.remainder, options.key_mask
-    (key_global,), present = spec.pool_blocks((key,), block_size, remainder, key_mask)  # (B, Hkv, G, D), (B, G)
+    documents = options.documents
+    (key_global,), present = spec.pool_blocks((key,), block_size, remainder, key_mask, documents)  # (B, Hkv, G, D)
     device = query.device
     global_block = torch.arange(key_global.shape[2], device=device)
     extra = options.extra_global_tokens
@@ -53,7 +56,7 @@ def _weights_and_lse(query, key, options):
     keys = _with_globals(key, key_global, q_heads).to(compute_dtype)  # (B, Hq, S + T + G, D)
     scores = options.scale * (query.to(compute_dtype) @ keys.transpose(-1, -2))  # (B, Hq, L, S + T + G)
 
-    key_block = spec.block_index(seq_len, block_size, remainder, device)  # (S,)
+    key_block = spec.block_index(seq_len, block_size, remainder, device) if documents is None else documents.block_of
     key_pos = torch.arange(seq_len, device=device)
     query_pos = key_pos[seq_len - q_len :]  # bottom-right aligned queries
     query_block = key_block[query_pos]
@@ -62,6 +65,10 @@ def _weights_and_lse(query, key, options):
         query_pos[:, None], key_pos[None], query_block[:, None], key_block[None], causal, options.window
     )
     glob = spec.global_visible(query_block[:, None], global_block[None], causal, options.scope)  # (L, T + G)
+    if documents is not None:  # each document on its own: its keys (a window may reach past it) and blocks
+        document = documents.first_block  # (G,): equal for the blocks of one document
+        local = local & (document[query_block][:, None] == document[key_block][None])
+        glob = glob & (document[query_block][:, None] == document[None])
     real = torch.ones(batch, seq_len, dtype=torch.bool, device=device) if key_mask is None else key_mask
     allowed = torch.cat([local, glob], -1)[None] & torch.cat([real, present], -1)[:, None]  # (B, L, S + T + G)
     allowed = allowed[:, None]  # (B, 1, L, S + T + G), shared by all heads

@@ -63,6 +63,8 @@ def unsupported(query, key, value, options) -> str | None:
         return "top_blocks is not supported"
     if options.dropout_p > 0:
         return "dropout is not supported"
+    if options.document_ids is not None:
+        return "document_ids are not supported (its kernels cut blocks at multiples of block_size)"
     if options.extra_global_tokens is not None:
         return "extra_global_tokens are not supported (its backward folds every global token into dK, dV)"
     if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:

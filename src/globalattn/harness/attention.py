@@ -18,6 +18,12 @@ and return (B, H, T, D).
 ``local`` and ``sliding`` are exact and cheap: the sequence is cut into tiles (blocks, or chunks of
 queries with the keys their windows reach) that run as one batched SDPA call with a small mask, so
 memory is O(T * b) or O(T * w), never O(T^2).
+
+Every variant also takes ``document_ids`` (B, T), non-decreasing along T, or None: packed documents
+(docs/semantics.md, "Packed sequences"), each attended exactly as if it were alone.  The global
+variants hand them to ``global_attention``; dense masks the other documents (an O(T^2) mask, fine at
+the harness's contexts); sliding masks them inside its tiles; local runs as sliding over its blocks
+cut per document (``spec.document_blocks``), each block a document of its own.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from globalattn import cost, spec
 from globalattn.api import global_attention
 from globalattn.harness.config import ModelConfig, check_attention, top_blocks_of
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (q, k, v) -> out, and the keyword document_ids=None (packed documents)
+Attention = Callable[..., torch.Tensor]
 
 
 def resolved_block_size(config: ModelConfig) -> int:
@@ -72,11 +79,11 @@ def matched_window(context: int, block_size: int, *, causal: bool) -> int:
 
 
 def make_attention(name: str, *, causal: bool, block_size: int, window: int | None) -> Attention:
-    """The attention function ``(q, k, v) -> out`` of the variant ``name`` (q, k, v: (B, H, T, D));
-    ``window`` is read by sliding and global-window only."""
+    """The attention function ``(q, k, v, document_ids=None) -> out`` of the variant ``name`` (q, k, v:
+    (B, H, T, D)); ``window`` is read by sliding and global-window only."""
     check_attention(name, causal=causal)
     if name == "dense":
-        return partial(F.scaled_dot_product_attention, is_causal=causal)
+        return partial(dense_attention, causal=causal)
     if name == "local":
         return partial(local_attention, block_size=block_size, causal=causal)
     if name == "sliding":
@@ -149,14 +156,46 @@ def _window_sides(name: str, window, causal: bool):
     return left, window - 1 - left
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, causal: bool):
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's offset from the first position of its document: (B, T) int64, from
+    ``document_ids`` (B, T) non-decreasing along T (``[[0, 0, 1, 1, 1]]`` -> ``[[0, 1, 0, 1, 2]]``)."""
+    pos = torch.arange(document_ids.shape[1], device=document_ids.device).expand(document_ids.shape)
+    new_doc = torch.ones_like(document_ids, dtype=torch.bool)
+    new_doc[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return pos - torch.where(new_doc, pos, 0).cummax(dim=1).values  # minus the latest document start
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, document_ids=None):
+    """Every key (causal: every earlier key); with ``document_ids``, of the query's document only."""
+    if document_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    mask = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    if causal:
+        mask = mask.tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, causal: bool, document_ids=None
+):
     """Each query attends to the keys of its own block only (causal: up to itself).
 
     The blocks are global's (``remainder`` "separate" when causal, "merge" when not), gathered as
-    tiles of the longest block's length; slots past a block's end are masked as keys.
+    tiles of the longest block's length; slots past a block's end are masked as keys.  With
+    ``document_ids`` the blocks are cut from each document's first position, so they no longer
+    fall on fixed tiles: it runs as ``sliding_window_attention`` with every block a document and a
+    window that reaches every key of the longest block, L keys (causal: up to the query, L <= b;
+    bidirectional: L - 1 either side, L <= 2b - 1 with a merged tail).
     """
     seq_len = q.shape[2]
-    starts, ends = spec.block_starts_and_ends(seq_len, block_size, spec.resolve_remainder(causal, None), q.device)
+    remainder = spec.resolve_remainder(causal, None)
+    if document_ids is not None:
+        blocks = spec.document_blocks(document_ids, block_size, remainder)
+        longest = int((blocks.ends - blocks.starts).max())
+        window = longest if causal else 2 * longest - 1
+        block_ids = blocks.block_of.view(document_ids.shape)
+        return sliding_window_attention(q, k, v, window=window, causal=causal, document_ids=block_ids)
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder, q.device)
     tile = int((ends - starts).max())
     slots = starts[:, None] + torch.arange(tile, device=q.device)  # (G, tile) positions
     real = slots < ends[:, None]
@@ -171,9 +210,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_
     return out
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, causal: bool):
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, causal: bool, document_ids=None
+):
     """Each query attends to the ``window`` keys nearest it: causal the last w up to itself,
-    bidirectional (w - 1) // 2 before and the rest after (fewer at the ends of the sequence).
+    bidirectional (w - 1) // 2 before and the rest after (fewer at the ends of the sequence; with
+    ``document_ids``, at the ends of the query's document).
 
     Queries run in chunks of c = w; chunk i reads the c + w - 1 keys its windows can reach.
     """
@@ -192,6 +234,11 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     band = (col >= row) & (col - row <= window - 1)  # (c, span): key offset within the window
     key_pos = torch.arange(num_chunks, device=q.device)[:, None] * chunk - left + col  # (n, span)
     key_real = (key_pos >= 0) & (key_pos < seq_len)
-    mask = band & (key_real[:, None, :] | (col - row == left))  # (n, c, span); every slot sees itself
+    visible = key_real[:, None, :]  # (n, 1, span)
+    if document_ids is not None:  # and in the query's document: (B, n, c, span), broadcast over the heads
+        key_ids = F.pad(document_ids, (left, padded - seq_len + right)).unfold(1, span, chunk)  # (B, n, span)
+        query_ids = F.pad(document_ids, (0, padded - seq_len)).view(batch, num_chunks, chunk)
+        visible = (visible & (key_ids[:, :, None, :] == query_ids[..., None]))[:, None]
+    mask = band & (visible | (col - row == left))  # every slot sees itself
     out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask)
     return out.reshape(batch, heads, padded, head_dim)[:, :, :seq_len]

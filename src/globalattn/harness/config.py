@@ -132,12 +132,17 @@ class TrainConfig:
         default=1,
         metavar="N",
     )
+    pack: bool = option(
+        "language-model tasks: each row packs the pieces of the documents it holds (plays, modules), each "
+        "attended, positioned and predicted as if alone",
+        default=False,
+    )
     # the task's own options, given to its constructor (tasks.make_task), e.g. mqar's num_pairs
     task_options: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         from globalattn import checks  # imports torch, as the tasks do
-        from globalattn.harness.tasks import TASKS, check_options
+        from globalattn.harness.tasks import TASKS, check_options, check_pack
 
         if not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig, got {type(self.model).__name__}")
@@ -146,12 +151,16 @@ class TrainConfig:
             raise ValueError(f"a TrainConfig's model leaves vocab_size, causal, num_classes to the task, got {given}")
         if not isinstance(self.task_options, Mapping):
             raise ValueError(f"task_options must be a dict of option name -> value, got {self.task_options!r}")
+        checks.boolean("pack", self.pack)
         if self.task in TASKS:  # an unknown task is refused by make_task, naming the known ones
             check_options(self.task, self.task_options)  # names here; the task checks the values
+            check_pack(self.task, self.pack)
         options = dict(sorted(self.task_options.items(), key=lambda item: str(item[0])))
         object.__setattr__(self, "task_options", options)  # a copy, in one order for the records
         for name in ("steps", "batch", "eval_every", "eval_examples", "context_parallel"):
             checks.positive_int(name, getattr(self, name))
+        if self.pack and self.context_parallel > 1:  # context_parallel_attention takes no document_ids
+            raise ValueError("--pack runs without --context-parallel (its attention takes no document_ids)")
         checks.positive_number("lr", self.lr)
         checks.choice("precision", self.precision, PRECISIONS)
 

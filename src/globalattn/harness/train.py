@@ -20,6 +20,9 @@ Data-parallel: each of the W processes takes B / W rows of the same global batch
 each is scaled so that the averaged gradient is that of the whole batch: W processes train as one
 would, to rounding.  ``--fsdp`` shards parameters and optimizer state (FSDP2) for large models.
 
+Packed documents (``--pack``, language-model tasks): the batches carry ``document_ids``, which the
+model receives with the tokens, and targets that never cross a document boundary (tasks/text.py).
+
 Context-parallel (``--context-parallel N``, language-model tasks, attention global or global-own):
 groups of N consecutive ranks split every sequence into N shards of whole blocks and exchange only
 the global tokens (``globalattn.distributed``); the W / N groups are data-parallel over the rows.
@@ -67,7 +70,7 @@ def train(
     ``metrics.json`` holds): config, data, model size, attention cost, history and final metrics."""
     out = Path(out) if out is not None else None
     rank, world, device = _init_distributed(device)
-    task = make_task(config.task, config.model.context, config.seed, **config.task_options)
+    task = make_task(config.task, config.model.context, config.seed, pack=config.pack, **config.task_options)
     model_config = config.model.for_task(task)
     torch.manual_seed(config.seed)  # the same initial weights in every process and every attention variant
     model = build_model(model_config).to(device)
@@ -203,10 +206,13 @@ def _train_step(wrapped, optimizer, task, config, step, share: _Share, world, de
 
 
 def logits_of(model, task: Task, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
-    """(B, T, vocab) next-token logits (causal tasks) or (B, classes) class logits."""
+    """(B, T, vocab) next-token logits (causal tasks; packed rows with their document ids) or
+    (B, classes) class logits."""
     device_type = batch["tokens"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return model(batch["tokens"]) if task.causal else model(batch["tokens"], batch["real"])
+        if task.causal:
+            return model(batch["tokens"], batch.get("document_ids"))
+        return model(batch["tokens"], batch["real"])
 
 
 def loss_sum_of(task: Task, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

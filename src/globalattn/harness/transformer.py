@@ -7,6 +7,10 @@
 Every variant has exactly the same parameters: the attention functions have none of their own.
 RoPE rotates queries and keys before the attention, so ``global``'s global tokens are means of
 rotated keys (what the library computes from the keys it is given).
+
+``lm(tokens, document_ids=ids)`` runs packed documents (ids (B, T), non-decreasing along T): each
+document's logits are those of the document run alone, to rounding, as its attention sees no other
+document and RoPE counts positions from each document's start.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from globalattn.harness.attention import (
     keys_per_token,
     make_attention,
     make_context_parallel_attention,
+    positions_in_documents,
     resolved_block_size,
     resolved_window,
 )
@@ -53,9 +58,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B, H, T, hd) at positions offset + t
-        positions = slice(offset, offset + x.shape[2])
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, hd) at ``positions``: (T,), or (B, T) when the rows differ (packed documents)."""
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2): the same for every head
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -74,13 +81,11 @@ class SelfAttention(nn.Module):
             window=resolved_window(config),
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.position_offset = 0  # context parallel: the first position of this rank's shard
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
-        batch, seq_len, channels = x.shape
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, channels = x.shape  # x: (B, T, C)
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        offset = self.position_offset
-        y = self.attend(self.rope(q, offset), self.rope(k, offset), v)  # (B, H, T, hd)
+        y = self.attend(self.rope(q, positions), self.rope(k, positions), v, document_ids=document_ids)  # (B, H, T, hd)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, seq_len, channels)))
 
 
@@ -105,8 +110,8 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(config.d_model)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), positions, document_ids)
         return x + self.mlp(self.norm2(x))
 
 
@@ -122,6 +127,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model)
+        self.position_offset = 0  # context parallel: the first position of this rank's shard
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", "down.weight")):  # residual outputs: GPT-2's 1/sqrt(2 * layers)
@@ -132,12 +138,19 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[1] > self.config.context:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds the model's context {self.config.context}")
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``document_ids`` (B, T), non-decreasing along T: packed documents, RoPE positions counted
+        from each one's start; None: one sequence per row."""
+        seq_len = tokens.shape[1]
+        if seq_len > self.config.context:
+            raise ValueError(f"sequence of {seq_len} tokens exceeds the model's context {self.config.context}")
+        if document_ids is None:
+            positions = torch.arange(self.position_offset, self.position_offset + seq_len, device=tokens.device)
+        else:
+            positions = positions_in_documents(document_ids)
         x = self.dropout(self.embed(tokens))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, positions, document_ids)
         return self.norm(x)
 
 
@@ -151,8 +164,9 @@ class DecoderLM(nn.Module):
         self.config = config
         self.transformer = Transformer(config)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab)
-        return self.transformer(tokens) @ self.transformer.embed.weight.T
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, vocab); ``document_ids`` as ``Transformer.forward``'s."""
+        return self.transformer(tokens, document_ids) @ self.transformer.embed.weight.T
 
 
 class EncoderClassifier(nn.Module):
@@ -190,6 +204,7 @@ def use_context_parallel(model: nn.Module, group, shard: range) -> None:
         window=resolved_window(config),
         group=group,
     )
+    model.transformer.position_offset = shard.start
     for module in model.modules():
         if isinstance(module, SelfAttention):
-            module.attend, module.position_offset = attend, shard.start
+            module.attend = attend

@@ -19,6 +19,10 @@ window (None, the default: the own block's keys) likewise from ``global_attentio
 tokens get the same outputs however much right padding its batch adds.  ``GlobalAttentionCache``
 keeps, per layer, O(b + S/b) entries instead of S, O(w + b + S/b) with a window (see ``globalattn.cache``).
 
+Packed batches (``DataCollatorWithFlattening``: documents laid end to end, ``position_ids`` restarting
+at each) pass ``document_ids=`` derived from the ``position_ids`` the layer receives, so that each
+document is computed as if it were alone; positions that run on give None, the unpacked call.
+
 Needs transformers >= 4.56 (the first release with both interfaces and the per-layer ``Cache`` that
 the cache builds on).  Details, supported models and limits: docs/huggingface.md.
 """
@@ -48,6 +52,9 @@ WINDOW_KEY = "global_attention_window"  # the same; None: no window
 # transformers hands the attention function only what ``Cache.update`` returned, so the cache marks
 # the keys it returns with the layer state that must attend with them.
 _STAGED_BY = "_globalattn_staged_by"
+# Every layer of a forward receives the same position_ids tensor: the first one marks it with the
+# documents it found, so that the others neither recompute them nor wait for the device again.
+_DOCUMENTS = "_globalattn_documents"
 
 
 def register(name: str = "global_attention") -> str:
@@ -99,7 +106,14 @@ def global_attention_forward(
     causal = getattr(module, "is_causal", None)
     causal = kwargs.get("is_causal", True) if causal is None else causal
     key_mask = _key_mask(module, attention_mask, key)
+    document_ids = _document_ids(module, kwargs.get("position_ids"), key_mask, query)
     staged_by: PooledKVCache | None = getattr(key, _STAGED_BY, None)
+    if document_ids is not None and (staged_by is not None or key.shape[2] != query.shape[2]):
+        raise ValueError(
+            f"{_name(module)} got packed sequences (position_ids that restart) with keys held from earlier calls: "
+            "a cache cannot tell which document its positions belong to, so run packed batches without a cache "
+            "(use_cache=False) and decode each sequence in its own row"
+        )
     if staged_by is not None:  # a GlobalAttentionCache step: key is [raw positions held ; new positions]
         if not causal:
             raise ValueError(f"{_name(module)} is bidirectional; GlobalAttentionCache decodes causal layers only")
@@ -107,7 +121,7 @@ def global_attention_forward(
         out = staged_by.attend(query, block_size=block_size, window=window, key_mask=new_mask, scale=scaling)
     else:
         options = dict(causal=causal, remainder="separate", key_mask=key_mask, scale=scaling, dropout_p=dropout)
-        out = global_attention(query, key, value, block_size, window=window, **options)
+        out = global_attention(query, key, value, block_size, window=window, document_ids=document_ids, **options)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
 
 
@@ -280,6 +294,61 @@ def _window(module, kwargs) -> int | None:
         return None
     checks.positive_int(WINDOW_KEY, window, f" (from {where}; None: no window)")
     return int(window)
+
+
+def _document_ids(module, position_ids, key_mask, query) -> torch.Tensor | None:
+    """The (B, L) document of every query position of a packed batch, or None when there is one
+    sequence per row: a document starts wherever a real token's position id is not one more than
+    that of the real token before it (``DataCollatorWithFlattening`` restarts them at each sequence).
+
+    Padding (``key_mask`` False) never starts or splits a document: left padding, whose position ids
+    ``generate`` sets to 1 before the first real token's 0, stays one sequence (blocks cut from slot 0),
+    and padding between packed documents joins the one before it, where it changes nothing.
+    """
+    batch, length = query.shape[0], query.shape[2]
+    # Multimodal rotary embeddings pass (3, B, L) position ids: no documents to read from those.
+    if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 2 or position_ids.shape[1] != length:
+        return None
+    if length < 2:  # a decoding step
+        return None
+    real = None if key_mask is None else key_mask[:, -length:]
+    # (1, L) is common for B rows; a model split over devices gives its layers the first one's ids.
+    positions = position_ids.to(query.device).expand(batch, -1)
+    if torch.compiler.is_compiling():
+        # Whether documents are there is a fact about the data: branching on it would break the
+        # graph of every compiled forward, packed or not.  Unpacked batches stay one graph; packed
+        # ones are refused on the device, the message naming the layer.
+        torch._assert_async(
+            ~_restarts(positions, real).any(),
+            f"{_name(module)} got packed sequences (position_ids that restart) under torch.compile: global attention "
+            "finds their documents in eager mode only, so train packed batches without torch.compile",
+        )
+        return None
+    # The version counter tells an in-place change of the position ids (a reused buffer) from the
+    # same forward's next layer; tensors made under torch.inference_mode have none, so no memo.
+    stamp = None if position_ids.is_inference() else (position_ids._version, batch, length)
+    memo = getattr(position_ids, _DOCUMENTS, None)
+    if stamp is not None and memo is not None and memo[0] == stamp and memo[1] is key_mask:
+        document_ids = memo[2]
+    else:
+        restarts = _restarts(positions, real)
+        document_ids = None
+        if bool(restarts.any()):
+            first = restarts.new_zeros(batch, 1, dtype=torch.long)
+            document_ids = torch.cat([first, restarts.long().cumsum(1)], dim=1)
+        if stamp is not None:
+            setattr(position_ids, _DOCUMENTS, (stamp, key_mask, document_ids))
+    return None if document_ids is None else document_ids.to(query.device)
+
+
+def _restarts(positions, real) -> torch.Tensor:
+    """(B, L - 1) bool: does the position at t + 1 start a new document (see ``_document_ids``)?"""
+    if real is None:
+        return positions[:, 1:] != positions[:, :-1] + 1
+    index = torch.arange(positions.shape[1], device=positions.device)
+    last_real = torch.where(real, index, -1).cummax(dim=1).values[:, :-1]  # the last real token before t + 1
+    previous = positions.gather(1, last_real.clamp(min=0))
+    return real[:, 1:] & (last_real >= 0) & (positions[:, 1:] != previous + 1)
 
 
 def _key_mask(module, attention_mask, key) -> torch.Tensor | None:

@@ -12,12 +12,22 @@ from globalattn.harness.tasks.text import PythonStdlib, Shakespeare
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Shakespeare, PythonStdlib, MQAR, ListOps, Passkey)}
 
 
-def make_task(name: str, context: int, seed: int = 0, **options) -> Task:
+def make_task(name: str, context: int, seed: int = 0, *, pack: bool = False, **options) -> Task:
     """Task ``name`` at ``context`` tokens; ``options`` go to its constructor (``Task.options``
-    lists the names it takes; it checks their values)."""
+    lists the names it takes; it checks their values); ``pack=True``: rows of packed documents
+    (the language-model tasks only)."""
     checks.choice("task", name, tuple(TASKS))
     check_options(name, options)
-    return TASKS[name](context, seed, **options)
+    check_pack(name, pack)
+    cls = TASKS[name]
+    return cls(context, seed, pack=pack, **options) if cls.packs else cls(context, seed, **options)
+
+
+def check_pack(name: str, pack: bool) -> None:
+    """Refuse ``pack`` for a task whose rows are not documents of text."""
+    if pack and not TASKS[name].packs:
+        packing = ", ".join(task for task, cls in TASKS.items() if cls.packs)
+        raise ValueError(f"--pack packs the documents of the language-model tasks ({packing}), not {name}")
 
 
 def check_options(name: str, options) -> None:
@@ -29,4 +39,4 @@ def check_options(name: str, options) -> None:
         raise ValueError(f"task {name} has no option {', '.join(map(repr, unknown))}: {takes}")
 
 
-__all__ = ["IGNORE", "TASKS", "Task", "check_options", "make_task"]
+__all__ = ["IGNORE", "TASKS", "Task", "check_options", "check_pack", "make_task"]

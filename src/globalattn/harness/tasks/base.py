@@ -6,6 +6,8 @@ A batch is a dict of tensors with one row per example:
     targets  (B, T) int64   causal tasks: the next token to predict, IGNORE where there is no loss
     labels   (B,)   int64   classification tasks: the class
     real     (B, T) bool    classification tasks: False at padding (not pooled)
+    document_ids (B, T) int64  packed tasks (``pack=True``): the document of each position, 0, 1, ...
+                            along the row; targets never cross from one document into the next
 
 Batch ``index`` of a split is a pure function of (seed, split, index): a resumed run, a second
 process in data-parallel training and a rerun all see the same data without any sampler state.
@@ -36,6 +38,7 @@ class Task:
     # The constructor's keyword options that a run may set (TrainConfig.task_options, make_task's
     # **options, ``--task-option``); describe() records the value of each.
     options: tuple[str, ...] = ()
+    packs: bool = False  # the constructor takes pack=True: rows of packed documents, with document_ids
 
     def __init__(self, context: int, seed: int = 0):
         checks.positive_int("context", context)

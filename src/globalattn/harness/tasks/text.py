@@ -11,6 +11,12 @@ so validation measures generalisation to unseen text, not memorised passages.  C
 bytes (vocabulary 256); both corpora are ASCII but for a handful of bytes, so bits per byte is bits
 per character.  Training batches are random windows of the training text; validation batches are
 windows spread evenly over the held-out text, the same for every run.
+
+``pack=True`` (``--pack``): the same windows, packed.  Each play or module, with the blank line that
+follows it in the joined text, is a document; a window's bytes of each document (a piece, when the
+window cuts it) are a document of its own, numbered 0, 1, ... in the batch's ``document_ids``.  The
+tokens are those of the unpacked task; the targets too, but where the next byte starts another
+document: there the target is IGNORE, so no document's first byte is predicted from another's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-from globalattn.harness.tasks.base import Task
+from globalattn import checks
+from globalattn.harness.tasks.base import IGNORE, Task
+
+SEPARATOR = b"\n\n"  # between the documents of a split's text
 
 STDLIB_MODULES = (
     "argparse.py",
@@ -164,14 +173,19 @@ class TextTask(Task):
     vocab_size = 256
     metric = "bpc"
     holdout_every: int
+    packs = True
 
-    def __init__(self, context: int, seed: int = 0):
+    def __init__(self, context: int, seed: int = 0, *, pack: bool = False):
         super().__init__(context, seed)
+        checks.boolean("pack", pack)
+        self.pack = pack
         documents = self.documents()
         val_names = [name for i, name in enumerate(documents) if i % self.holdout_every == self.holdout_every - 1]
         self.val_names = val_names
-        self.train_text = _join(data for name, data in documents.items() if name not in val_names)
-        self.val_text = _join(documents[name] for name in val_names)
+        train = [data for name, data in documents.items() if name not in val_names]
+        val = [documents[name] for name in val_names]
+        self.train_text, self.val_text = _join(train), _join(val)
+        self.document_starts = {"train": _starts(train), "val": _starts(val)}
         self.checksum = _checksum(documents)
         for split, text in (("train", self.train_text), ("val", self.val_text)):
             if len(text) <= context:
@@ -190,7 +204,14 @@ class TextTask(Task):
             k = torch.arange(index * size, (index + 1) * size, dtype=torch.float64)
             starts = ((k * 0.6180339887498949) % 1.0 * (last_start + 1)).long()
         windows = torch.stack([text[s : s + self.context + 1] for s in starts.tolist()]).long()  # (B, T + 1)
-        return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = {"tokens": windows[:, :-1], "targets": windows[:, 1:]}
+        if self.pack:
+            positions = starts[:, None] + torch.arange(self.context + 1)
+            documents = torch.searchsorted(self.document_starts[split], positions, right=True)  # (B, T + 1)
+            documents = documents - documents[:, :1]  # the window's first piece is document 0
+            batch["document_ids"] = documents[:, :-1]
+            batch["targets"] = batch["targets"].masked_fill(documents[:, 1:] != documents[:, :-1], IGNORE)
+        return batch
 
     def describe(self):
         return {
@@ -243,8 +264,14 @@ def _stdlib_modules() -> dict[str, bytes]:
     return {name: (root / name).read_bytes() for name in STDLIB_MODULES}
 
 
-def _join(parts) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b"\n\n".join(parts)), dtype=torch.uint8)
+def _join(parts: list[bytes]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(SEPARATOR.join(parts)), dtype=torch.uint8)
+
+
+def _starts(parts: list[bytes]) -> torch.Tensor:
+    """Where each part starts in ``_join(parts)``: the separator after a part is the end of it."""
+    lengths = torch.tensor([len(part) + len(SEPARATOR) for part in parts[:-1]], dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
 
 def _checksum(documents: dict[str, bytes]) -> str:
