@@ -78,6 +78,9 @@ def global_attention(
     is cut off from the ones just before it (LongT5 / Longformer); the blocks still define the
     global tokens and which of them a row sees.  With ``top_blocks`` the raw keys are the union of
     the window and the routed blocks.
+    ``document_ids`` (B, S) int, non-decreasing along S: packed documents, each computed exactly as
+    if it were alone (blocks cut from each document's start; no key, global token or routed block
+    of another document); needs L == S.
     ``remainder``: ``"merge"`` folds a short last block into the one before it (the default when
     bidirectional); ``"separate"`` keeps it (the default, and the only choice, when causal).
     ``extra_global_tokens=(key (B, Hkv, T, D), value (B, Hkv, T, Dv), present (B, T) bool)``: the

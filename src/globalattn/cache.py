@@ -4,18 +4,19 @@ In causal mode a query at position p, in block c = p // b, attends to the keys o
 to the global tokens of the complete blocks j < c (docs/semantics.md, "Who attends to what").  A
 decoder therefore needs, per layer, only the keys/values of the current, unfinished block (fewer
 than b) and one pooled key/value per finished block (S // b of them): at S = 128k and b = 256, 768
-entries instead of 131072.
+entries instead of 131072.  With ``window=w`` it needs the last w raw positions instead of the
+current block: it keeps them from the block that holds the first of them, fewer than w + b.
 ``PooledKVCache`` keeps exactly that.  Each step appends L new positions (a prompt, or one token)::
 
-    window  = [the current block's cached positions ; the L new ones]   (starts on a block boundary)
-    outputs = global_attention(new queries, window, causal=True,
+    window  = [the cached raw positions ; the L new ones]   (starts on a block boundary)
+    outputs = global_attention(new queries, window, causal=True, window=w,
                                extra_global_tokens=the pooled tokens of the blocks before it)
-    then every block the window completed is pooled, and what is left becomes the current block
+    then every block the step completed is pooled, and the raw positions a next query may see are kept
 
 which is, to rounding, the last L rows of ``global_attention(causal=True)`` over the whole sequence
 (docs/semantics.md, "Global tokens from outside the call"): one call and one softmax per step,
-through the same backends as training, with O(b + S/b) work and no re-pooling of the prefix.
-"""
+through the same backends as training, with O(b + S/b) work (O(w + b + S/b) with a window) and no
+re-pooling of the prefix."""
 
 from __future__ import annotations
 

@@ -158,10 +158,11 @@ def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num
         doc_start, doc_end = (0, seq_len) if documents is None else (documents[4], documents[5])
         key_lo = torch.maximum(q_start - window + 1, torch.as_tensor(doc_start))
         key_hi = ends if causal else torch.minimum(ends + window - 1, torch.as_tensor(doc_end))
-    # The global tokens a tile may see are its document's (all of them without documents).
-    doc_blocks = (torch.zeros_like(starts), torch.full_like(starts, num_global - 1)) if documents is None else (
-        documents[2], documents[3]
-    )  # fmt: skip
+    # The global tokens a tile may see are its document's: each block's document's first and last block.
+    if documents is None:
+        doc_blocks = torch.zeros_like(starts), torch.full_like(starts, num_global - 1)
+    else:
+        doc_blocks = documents[2], documents[3]
     q_width, k_width = int((ends - q_start)[blocks].max()), int((key_hi - key_lo)[blocks].max())
     per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * q_width * (k_width + per_row)))
     chunks = [
