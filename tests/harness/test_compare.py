@@ -197,3 +197,18 @@ def test_cli_compare_narrows_the_preset(tmp_path, monkeypatch):
     assert seen["preset"] == PRESETS["cpu-small"].narrowed(
         tasks=["mqar"], contexts=[256], attentions=["dense"], steps=3
     )
+
+
+def test_tables_break_mqar_and_passkey_down_by_group():
+    gaps = {"[0, T/4)": 0.9, "[T/4, T/2)": None, "[T/2, 3T/4)": 0.2, "[3T/4, T)": 0.1}
+    dense, local = run("mqar", "dense", 0.8), run("mqar", "local", 0.3)
+    dense["final"] = {**dense["final"], "accuracy_by_gap": gaps}
+    local["final"] = {**local["final"], "accuracy_by_gap": {**gaps, "[0, T/4)": 0.95, "[T/2, 3T/4)": 0.0}}
+    passkey = run("passkey", "dense", 0.0)
+    passkey["final"] = {**passkey["final"], "accuracy_by_digit": [1.0, 0.1, 0.1, 0.1, 0.0]}
+    table = results_markdown([dense, local, passkey])
+    assert "| mqar | 256 | [0, T/4) | 0.900 | **0.950** |" in table
+    assert "| mqar | 256 | [T/4, T/2) |  |  |" in table  # no queries there: blank, not a number
+    assert "| mqar | 256 | [T/2, 3T/4) | **0.200** | 0.000 |" in table
+    assert "| passkey | 256 | 1 | **1.000** |" in table and "| passkey | 256 | 5 | **0.000** |" in table
+    assert "## MQAR accuracy by where the key sits" not in table  # no run holds accuracy_by_block

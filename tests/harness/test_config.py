@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from globalattn.harness.config import ModelConfig, TrainConfig
-from globalattn.harness.tasks import make_task
+from globalattn.harness.config import TASK_LR, ModelConfig, TrainConfig
+from globalattn.harness.tasks import TASKS, make_task
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,40 @@ def test_packing_is_off_by_default_and_on_for_the_language_model_tasks():
     model = ModelConfig(context=64, attention="dense")
     assert TrainConfig(task="shakespeare", model=model).pack is False
     assert TrainConfig(task="pystdlib", model=model, pack=True).pack is True
+
+
+def test_the_schedule_warms_up_then_decays_to_a_tenth_or_stays():
+    model = ModelConfig(context=64, attention="dense")
+    cosine = TrainConfig(task="mqar", model=model, steps=100, lr=1e-3, warmup=10)
+    assert [cosine.lr_at(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])  # linear warm-up
+    assert cosine.lr_at(10) == pytest.approx(1e-3)  # the peak, where the decay starts
+    assert cosine.lr_at(55) == pytest.approx(0.55e-3)  # half way: halfway between lr and lr / 10
+    assert cosine.lr_at(100) == pytest.approx(1e-4)  # lr / 10 at the end
+    constant = dataclasses.replace(cosine, schedule="constant")
+    assert [constant.lr_at(s) for s in (0, 9, 10, 55, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    default = TrainConfig(task="mqar", model=model, steps=200, lr=1e-3)  # warm-up: steps // 10 = 20
+    assert (default.schedule, default.lr_at(9), default.lr_at(19)) == ("cosine", pytest.approx(5e-4), 1e-3)
+    assert dataclasses.replace(constant, warmup=0).lr_at(0) == 1e-3
+
+
+@pytest.mark.parametrize("task,lr", [("mqar", 1e-3), ("passkey", 1e-3), ("shakespeare", 3e-3), ("listops", 3e-3)])
+def test_lr_defaults_to_the_tasks_and_a_given_one_wins(task, lr):
+    model = ModelConfig(context=64, attention="dense")
+    assert TrainConfig(task=task, model=model).lr == lr  # resolved when built: what the records hold
+    assert TrainConfig(task=task, model=model, lr=2e-3).lr == 2e-3
+
+
+def test_every_task_has_a_default_lr():
+    assert set(TASK_LR) == set(TASKS)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(warmup=-1), "warmup must be a non-negative int, got -1"),
+        (dict(schedule="linear"), "schedule must be one of 'cosine', 'constant'; got 'linear'"),
+    ],
+)
+def test_bad_schedules_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(task="mqar", model=ModelConfig(context=64, attention="dense"), **changes)

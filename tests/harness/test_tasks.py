@@ -212,3 +212,41 @@ def test_packing_is_refused_where_rows_are_not_documents(name):
     message = rf"--pack packs the documents of the language-model tasks \(shakespeare, pystdlib\), not {name}$"
     with pytest.raises(ValueError, match=message):
         make_task(name, 128, pack=True)
+
+
+def test_passkey_breakdown_shows_digits_that_exact_match_hides():
+    task = make_task("passkey", 300)
+    batch = task.batch("val", 0, 10)  # depths k * 0.618... mod 1: two in each fifth, example 0 at depth 0
+    predicted = batch["targets"].clone()
+    predicted[:, -4:] = ord("x")  # only the first digit right, in every example
+    predicted[0, -4:] = batch["targets"][0, -4:]  # but example 0 whole
+    breakdown = task.breakdown(batch, predicted, block_size=16)
+    assert breakdown["accuracy_by_digit"] == pytest.approx([1.0, 0.1, 0.1, 0.1, 0.1])
+    assert breakdown["digit_accuracy"] == pytest.approx(0.28)  # (10 + 4 x 1) / 50
+    assert breakdown["accuracy_by_depth"] == [0.5, 0.0, 0.0, 0.0, 0.0]  # exact match: example 0 alone
+
+
+def test_mqar_breakdown_by_gap_and_block():
+    task = make_task("mqar", 16, num_pairs=2, vocab_size=8)  # keys 1-3, values 4-7
+    #                pairs: k v k v, then filler values, queries at the positions noted
+    tokens = torch.tensor(
+        [
+            [1, 4, 2, 5, 6, 7, 2, 6, 7, 6, 7, 6, 7, 6, 1, 7],  # key 2 (at 2) asked at 6, key 1 (at 0) at 14
+            [3, 6, 1, 7, 4, 5, 4, 5, 1, 5, 3, 5, 4, 5, 4, 5],  # key 1 (at 2) asked at 8, key 3 (at 0) at 10
+        ]
+    )
+    targets = torch.full_like(tokens, IGNORE)
+    targets[0, 6], targets[0, 14], targets[1, 8], targets[1, 10] = 5, 4, 7, 6
+    predicted = torch.zeros_like(tokens)  # 0 is no value
+    predicted[0, 6], predicted[1, 10] = 5, 6  # right at gaps 4 and 10; wrong at gaps 14 and 6
+    batch = {"tokens": tokens, "targets": targets}
+    by_8 = task.breakdown(batch, predicted, block_size=8)
+    gaps = ("[0, T/4)", "[T/4, T/2)", "[T/2, 3T/4)", "[3T/4, T)")
+    assert by_8["queries_by_gap"] == dict(zip(gaps, [0, 2, 1, 1]))  # gaps 4 and 6; 10; 14
+    assert by_8["accuracy_by_gap"] == dict(zip(gaps, [None, 0.5, 1.0, 0.0]))  # None: no query there
+    # blocks of 8: only query 6 shares block 0 with its key (at 2)
+    assert by_8["queries_by_block"] == {"own": 1, "earlier": 3}
+    assert by_8["accuracy_by_block"] == {"own": 1.0, "earlier": pytest.approx(1 / 3)}
+    by_4 = task.breakdown(batch, predicted, block_size=4)  # blocks of 4: every key before its query's block
+    assert by_4["queries_by_block"] == {"own": 0, "earlier": 4}
+    assert by_4["accuracy_by_block"] == {"own": None, "earlier": 0.5}

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 ATTENTIONS = ("dense", "global", "global-own", "global-window", "local", "sliding")
 _TOP_BLOCKS = re.compile(r"global-top([1-9][0-9]*)")
 PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+# The peak learning rate of a run that sets none (lr None), by task.  MQAR and passkey: 1e-3, measured
+# (issue 17): at 3e-3, this model (std-0.02 init, output tied to the embedding) sits for long on MQAR's
+# plateau at accuracy ~1/num_pairs, where 1e-3 learns.  The others keep the 3e-3 every earlier pilot
+# ran; 1e-3 has not been tried on them (docs/training.md, "The recipe").
+TASK_LR = {"shakespeare": 3e-3, "pystdlib": 3e-3, "mqar": 1e-3, "listops": 3e-3, "passkey": 1e-3}
 
 
 def option(help: str, *, default=dataclasses.MISSING, flag: str | None = None, metavar: str | None = None, **more):
@@ -114,13 +120,23 @@ class TrainConfig:
     model: ModelConfig  # vocab_size, causal and num_classes left None: the task's
     steps: int = option("optimizer steps", default=200)
     batch: int = option("sequences per step over all processes: the global batch", default=16)
-    lr: float = option("peak learning rate", default=3e-3)
+    lr: float | None = option(
+        "peak learning rate (default: the task's, "
+        + ", ".join(f"{task} {lr:g}" for task, lr in TASK_LR.items())
+        + "; the run records the value used)",
+        default=None,
+    )
     seed: int = option("seeds the weights and the data", default=0)
     precision: str = option(
         "bf16: matmuls and attention under bfloat16 autocast (weights stay fp32)", default="fp32", choices=PRECISIONS
     )
-    # the optimisation: AdamW, linear warm-up then cosine decay to lr / 10
-    warmup: int | None = None  # None: steps // 10
+    # the optimisation: AdamW, linear warm-up then cosine decay to lr / 10 or constant (lr_at)
+    warmup: int | None = option("steps of linear warm-up (default: steps // 10)", default=None, metavar="N")
+    schedule: str = option(
+        "after the warm-up: cosine decay to lr / 10 at the end, or constant lr",
+        default="cosine",
+        choices=SCHEDULES,
+    )
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = option("evaluate and checkpoint every N steps", default=50, metavar="N")
@@ -155,18 +171,28 @@ class TrainConfig:
         if self.task in TASKS:  # an unknown task is refused by make_task, naming the known ones
             check_options(self.task, self.task_options)  # names here; the task checks the values
             check_pack(self.task, self.pack)
+            if self.lr is None:  # resolved here, so that metrics.json and --resume see the number used
+                object.__setattr__(self, "lr", TASK_LR[self.task])
         options = dict(sorted(self.task_options.items(), key=lambda item: str(item[0])))
         object.__setattr__(self, "task_options", options)  # a copy, in one order for the records
         for name in ("steps", "batch", "eval_every", "eval_examples", "context_parallel"):
             checks.positive_int(name, getattr(self, name))
         if self.pack and self.context_parallel > 1:  # context_parallel_attention takes no document_ids
             raise ValueError("--pack runs without --context-parallel (its attention takes no document_ids)")
-        checks.positive_number("lr", self.lr)
+        if self.lr is not None:  # None only with an unknown task, which make_task refuses by name
+            checks.positive_number("lr", self.lr)
+        if self.warmup is not None:
+            checks.non_negative_int("warmup", self.warmup)
+        checks.choice("schedule", self.schedule, SCHEDULES)
         checks.choice("precision", self.precision, PRECISIONS)
 
     def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (0, 1, ...): lr (step + 1) / warmup during the warm-up, then
+        lr, or with the cosine schedule a half cosine from lr down to lr / 10 at step ``steps``."""
         warmup = self.steps // 10 if self.warmup is None else self.warmup
         if step < warmup:
             return self.lr * (step + 1) / warmup
+        if self.schedule == "constant":
+            return self.lr
         progress = (step - warmup) / max(1, self.steps - warmup)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))

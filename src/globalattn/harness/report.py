@@ -12,11 +12,33 @@ from pathlib import Path
 
 from globalattn.harness.tasks import TASKS
 
+# The accuracies by kind (Task.breakdown) that get a table: the key in the final evaluation, title, note
+BREAKDOWNS = (
+    (
+        "accuracy_by_gap",
+        "MQAR accuracy by the query's gap to its key",
+        "Quarters of the context T; queries_by_gap in results.json counts the queries of each (an empty "
+        "quarter is blank).",
+    ),
+    (
+        "accuracy_by_block",
+        "MQAR accuracy by where the key sits",
+        "In the query's own block or an earlier one, at the run's block size (also for the variants without "
+        "blocks); queries_by_block counts them.",
+    ),
+    (
+        "accuracy_by_digit",
+        "Passkey accuracy by digit",
+        "Each of the five digits of the answer, first to last; the metric above is exact match (all five).",
+    ),
+)
+
 
 def results_markdown(results: list[dict]) -> str:
     """Three tables in one layout (a row per task and context, a column per attention): the final
     validation metric (mean over seeds, ± their standard deviation when several; best in bold),
-    the training time, and the attended keys per token."""
+    the training time, and the attended keys per token; then a table per breakdown (BREAKDOWNS) that
+    some run's final evaluation holds, a row per task, context and group."""
     tables = [
         (
             "Final validation metric",
@@ -43,6 +65,9 @@ def results_markdown(results: list[dict]) -> str:
     lines = []
     for title, note, value, fmt, is_metric in tables:
         lines += [f"## {title}", "", note, "", *_grid_table(results, value, fmt, is_metric), ""]
+    for key, title, note in BREAKDOWNS:
+        if table := _breakdown_table(results, key):
+            lines += [f"## {title}", "", note + " Best of each row in bold.", "", *table, ""]
     stopped = [r for r in results if r["status"] in ("failed", "diverged")]
     if stopped:
         lines += ["## Runs without a result", ""]
@@ -65,6 +90,39 @@ def _grid_table(results: list[dict], value, fmt: str, is_metric: bool) -> list[s
             row = [_format_cell(cells[a], best, fmt, is_metric) for a in attentions]
             lines.append(f"| {task} | {metric} | {context} | " + " | ".join(row) + " |")
     return lines
+
+
+def _breakdown_table(results: list[dict], key: str) -> list[str]:
+    """A row per task, context and group of breakdown ``key`` (a dict of group -> accuracy, or a
+    list: groups 1, 2, ...), a column per attention; no lines when no run's final evaluation holds it."""
+    runs = [r for r in results if r["status"] == "ok" and r["final"] and key in r["final"]]
+    if not runs:
+        return []
+    attentions = list(dict.fromkeys(r["attention"] for r in runs))
+    lines = ["| task | context | group | " + " | ".join(attentions) + " |", "|---|---|---|" + "---|" * len(attentions)]
+    for task in dict.fromkeys(r["task"] for r in runs):
+        for context in sorted({r["context"] for r in runs if r["task"] == task}):
+            first = next(r["final"][key] for r in runs if (r["task"], r["context"]) == (task, context))
+            labels = list(first) if isinstance(first, dict) else list(range(1, len(first) + 1))
+            for at, label in enumerate(labels):
+                value = _group(key, at)
+                counted = [r for r in runs if value(r) is not None]  # None: the group was empty
+                cells = {a: _cell(counted, task, context, a, value) for a in attentions}
+                means = [c[0] for c in cells.values() if c is not None]
+                best = max(means) if means else None
+                row = [_format_cell(cells[a], best, "{:.3f}", True) for a in attentions]
+                lines.append(f"| {task} | {context} | {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _group(key: str, at: int):
+    """A run's value of group number ``at`` of breakdown ``key`` in its final evaluation."""
+
+    def value(run: dict) -> float:
+        breakdown = run["final"][key]
+        return list(breakdown.values())[at] if isinstance(breakdown, dict) else breakdown[at]
+
+    return value
 
 
 def _cell(results, task, context, attention, value=lambda r: r["final"]["metric"]):

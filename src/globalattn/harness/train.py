@@ -232,10 +232,11 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
     enough of them for ``eval_examples`` sequences.
 
     bpc: mean loss / ln 2.  accuracy: argmax right at each scored target (each label), or, for an
-    exact-match task, at every target of the example.  Passkey adds ``accuracy_by_depth``.
+    exact-match task, at every target of the example.  The task's ``breakdown`` adds its accuracies
+    by kind (MQAR by gap and block, passkey by digit and depth).
     """
     model.eval()
-    loss_sum, loss_count, correct, depths = 0.0, 0, [], []
+    loss_sum, loss_count, correct, batches, predictions = 0.0, 0, [], [], []
     positions = _Share(rows=slice(None), positions=share.positions) if share else _Share(rows=slice(None))
     for index in range(-(-config.eval_examples // config.batch)):
         batch = positions.of(task.batch("val", index, config.batch), device)
@@ -244,12 +245,13 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
         loss_count += _loss_count(task, batch)
         if task.causal:
             scored = batch["targets"] != IGNORE
-            hits = (logits.argmax(-1) == batch["targets"]) | ~scored
+            predicted = logits.argmax(-1)
+            hits = (predicted == batch["targets"]) | ~scored
             correct.append(hits.all(1) if task.exact_match else hits[scored])
+            batches.append({k: v.cpu() for k, v in batch.items()})
+            predictions.append(predicted.cpu())
         else:
             correct.append(logits.argmax(-1) == batch["labels"])
-        if "depth" in batch:
-            depths.append(batch["depth"])
     model.train()
     if share is not None and share.group is not None:  # each rank scored its shard: add them up
         totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64, device=device)
@@ -258,10 +260,9 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
     loss = loss_sum / loss_count
     correct = torch.cat(correct).cpu()
     result = {"val_loss": loss, "metric": loss / math.log(2) if task.metric == "bpc" else float(correct.float().mean())}
-    if depths:
-        from globalattn.harness.tasks.passkey import accuracy_by_depth
-
-        result["accuracy_by_depth"] = accuracy_by_depth(correct, torch.cat(depths).cpu())
+    if batches:
+        joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        result.update(task.breakdown(joined, torch.cat(predictions), resolved_block_size(model.config)))
     return result
 
 

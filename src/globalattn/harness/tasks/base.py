@@ -52,6 +52,12 @@ class Task:
     def make_batch(self, split: str, index: int, size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def breakdown(self, batch: dict[str, torch.Tensor], predicted: torch.Tensor, block_size: int) -> dict:
+        """Accuracies by kind of example or target, beside the one ``metric``: what shows a model
+        learning before the metric moves.  ``batch``: every validation batch joined, ``predicted``:
+        the model's argmax (B, T) (causal tasks), ``block_size``: the model's resolved block size."""
+        return {}
+
     def describe(self) -> dict:
         """What a results table should record about the data (corpus checksums, held-out parts)."""
         return {}
@@ -71,3 +77,9 @@ def _mix(seed: int, split: str, index: int) -> int:
     """A stable 63-bit seed for (seed, split, index) (Python's hash() is salted per process)."""
     text = f"{seed}/{split}/{index}".encode()
     return (zlib.crc32(text) << 31) ^ zlib.adler32(text)
+
+
+def accuracy_by_group(correct: torch.Tensor, group: torch.Tensor, groups: int) -> list[float]:
+    """The fraction of ``correct`` in each of groups 0 .. ``groups`` - 1; None for an empty group (JSON
+    null: NaN is not JSON, and unequal to itself, so two records of one run would differ)."""
+    return [float(correct[group == g].float().mean()) if (group == g).any() else None for g in range(groups)]

@@ -4,7 +4,9 @@ A sequence starts with P key-value pairs ``k1 v1 k2 v2 ...`` (keys from the lowe
 vocabulary, values from the upper half, each drawn without replacement), then holds P queries, each
 a key seen before, at gaps drawn from a power law (small gaps likelier), with random tokens
 everywhere else.  At a query key the target is its value; nothing else is scored.  The metric is
-the fraction of queries answered (teacher-forced argmax).
+the fraction of queries answered (teacher-forced argmax); ``breakdown`` splits it by the query's gap
+to its key (quarters of the context: near keys against far ones) and by whether the key sits in the
+query's own block of the model's block size (a block ``global`` and ``local`` see raw) or an earlier one.
 
 One change from Zoology: the filler tokens are drawn from the value half only.  Zoology draws them
 from the whole vocabulary, which at its vocabulary of 8192 rarely repeats a key; at the small
@@ -18,7 +20,10 @@ from __future__ import annotations
 import torch
 
 from globalattn import checks
-from globalattn.harness.tasks.base import IGNORE, Task
+from globalattn.harness.tasks.base import IGNORE, Task, accuracy_by_group
+
+GAP_QUARTERS = ("[0, T/4)", "[T/4, T/2)", "[T/2, 3T/4)", "[3T/4, T)")  # accuracy_by_gap's groups
+BLOCKS = ("own", "earlier")  # accuracy_by_block's: the key in the query's block, or before it
 
 
 class MQAR(Task):
@@ -50,6 +55,23 @@ class MQAR(Task):
         tokens.scatter_(1, query_pos, keys)
         targets = torch.full_like(tokens, IGNORE).scatter_(1, query_pos, values)
         return {"tokens": tokens, "targets": targets}
+
+    def breakdown(self, batch, predicted, block_size):
+        tokens, targets = batch["tokens"], batch["targets"]
+        scored = targets != IGNORE  # the queries
+        correct = (predicted == targets)[scored]
+        keys = tokens[:, 0 : 2 * self.num_pairs : 2]  # (B, P), distinct within a row; filler holds no key
+        pair = (tokens[:, :, None] == keys[:, None, :]).int().argmax(-1)  # (B, T): the pair of a query's key
+        query_at = torch.arange(self.context).expand_as(tokens)[scored]
+        key_at = 2 * pair[scored]
+        quarter = (query_at - key_at) * len(GAP_QUARTERS) // self.context  # gaps are 1 .. T - 1
+        earlier = (key_at // block_size != query_at // block_size).long()
+        return {
+            "accuracy_by_gap": dict(zip(GAP_QUARTERS, accuracy_by_group(correct, quarter, len(GAP_QUARTERS)))),
+            "queries_by_gap": dict(zip(GAP_QUARTERS, torch.bincount(quarter, minlength=len(GAP_QUARTERS)).tolist())),
+            "accuracy_by_block": dict(zip(BLOCKS, accuracy_by_group(correct, earlier, len(BLOCKS)))),
+            "queries_by_block": dict(zip(BLOCKS, torch.bincount(earlier, minlength=len(BLOCKS)).tolist())),
+        }
 
     def describe(self):
         return {"vocab_size": self.vocab_size, "num_pairs": self.num_pairs}

@@ -4,14 +4,15 @@ Filler text repeats "The grass is green. The sky is blue. ..."; somewhere in it,
 uniformly from [0, 1] (validation: evenly spaced depths), sits "The pass key is 12345. Remember
 it. 12345 is the pass key. ".  The sequence ends with "What is the pass key? The pass key is
 12345": the model is scored on those last five digits only.  The metric is the fraction of
-sequences with all five right; ``accuracy_by_depth`` breaks it down by where the needle was.
+sequences with all five right (exact match); ``breakdown`` adds the accuracy of each digit (exact
+match alone hides a model that has learned some of them) and exact match by where the needle was.
 """
 
 from __future__ import annotations
 
 import torch
 
-from globalattn.harness.tasks.base import IGNORE, Task
+from globalattn.harness.tasks.base import IGNORE, Task, accuracy_by_group
 
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = b"The pass key is %s. Remember it. %s is the pass key. "
@@ -46,6 +47,14 @@ class Passkey(Task):
         targets[:, :-DIGITS] = IGNORE
         return {"tokens": windows[:, :-1], "targets": targets, "depth": depths.float()}
 
+    def breakdown(self, batch, predicted, block_size):
+        digits = (predicted == batch["targets"])[:, -DIGITS:]  # (B, DIGITS): the answer's, first to last
+        return {
+            "accuracy_by_digit": digits.float().mean(0).tolist(),
+            "digit_accuracy": float(digits.float().mean()),
+            "accuracy_by_depth": accuracy_by_depth(digits.all(1), batch["depth"]),
+        }
+
     def sequence(self, key: int, depth: float) -> list[int]:
         """The T + 1 characters of one example: filler with the needle at ``depth``, then the question."""
         digits = b"%0*d" % (DIGITS, key)
@@ -56,5 +65,4 @@ class Passkey(Task):
 
 def accuracy_by_depth(correct: torch.Tensor, depths: torch.Tensor, bins: int = 5) -> list[float]:
     """Fraction of sequences right in each of ``bins`` equal depth ranges (0 = start of the text)."""
-    which = (depths * bins).long().clamp(max=bins - 1)
-    return [float(correct[which == b].float().mean()) if (which == b).any() else float("nan") for b in range(bins)]
+    return accuracy_by_group(correct, (depths * bins).long().clamp(max=bins - 1), bins)
