@@ -1,4 +1,4 @@
-# make demo   set up and run the seed walk-through
+# make demo   set up and run the seed walk-through (a PNG and an interactive page)
 # make test   set up and run the test suite (and the linter)
 # make bench  run the CPU benchmark (writes benchmarks/results/)
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/globalattn demo
+	$(VENV)/bin/globalattn demo --html globalattn-demo/demo.html
 
 test: setup lint
 	$(PY) -m pytest

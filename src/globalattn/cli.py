@@ -70,8 +70,9 @@ def _add_demo(commands) -> None:
         "demo",
         help="walk through the seed sentence: dense attention against global tokens, with pictures",
         description="Walk through one sentence as the seed does: tokens, dense attention, blocks and global "
-        "tokens, their cost, and heatmaps of both attention matrices (in the terminal and a PNG). Uses the "
-        "pretrained all-MiniLM-L6-v2 when the 'demo' extra is installed, fixed random projections otherwise.",
+        "tokens, their cost, and heatmaps of both attention matrices (in the terminal, a PNG, and with --html a "
+        "page to play with). Uses the pretrained all-MiniLM-L6-v2 when the 'demo' extra is installed, fixed "
+        "random projections otherwise.",
     )
     demo.add_argument("--text", help="the sentence, a few dozen words at most (default: the seed's sentence)")
     demo.add_argument("--block-size", type=int, metavar="B", help="tokens per block (default: the seed's)")
@@ -99,6 +100,12 @@ def _add_demo(commands) -> None:
         help="folder for the picture (default: ./globalattn-demo)",
     )
     demo.add_argument("--json", action="store_true", help="print everything as one JSON object instead of text")
+    demo.add_argument(
+        "--html",
+        metavar="PATH",
+        help="also write one self-contained page to play with: a block-size slider, the toggles, every token's "
+        "weights (opens offline in any browser)",
+    )
     demo.set_defaults(run=_run_demo)
 
 
@@ -114,7 +121,16 @@ def _run_demo(args: argparse.Namespace) -> int:
         picture = f"picture: not drawn, {missing.name} is not installed (pip install 'globalattn[demo]')"
     except OSError as failed:
         raise ValueError(f"cannot write the picture into {args.out!r}: {failed.strerror or failed}") from failed
-    print(json.dumps(result) if args.json else f"{demo.format_report(result)}\n\n{picture}")
+    written = [picture]
+    if args.html:
+        from globalattn import demo_html
+
+        try:
+            result["page"] = str(demo_html.save_page(result, args.html))
+        except OSError as failed:
+            raise ValueError(f"cannot write the page {args.html!r}: {failed.strerror or failed}") from failed
+        written.append(f"page: {result['page']}")
+    print(json.dumps(result) if args.json else "\n\n".join([demo.format_report(result), "\n".join(written)]))
     return 0
 
 

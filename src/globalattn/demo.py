@@ -3,6 +3,7 @@
     globalattn demo                                   # the seed sentence, block size 5, "fox"
     globalattn demo --token dog --scope own           # the seed's literal example: own global token only
     globalattn demo --text "..." --block-size 4 --json
+    globalattn demo --html demo.html                  # also a page to play with (demo_html.py)
 
 ``walk_through`` computes everything into one plain dict (what ``--json`` prints); ``format_report``
 turns it into text and ``save_picture`` into a PNG, so the three never disagree.
@@ -224,8 +225,8 @@ def walk_through(
     q4, k4, v4 = (t[None, None] for t in (q, k, v))  # (1, 1, L, d): the library's (B, H, L, D)
     options = dict(causal=causal, remainder=remainder)
     global_weights = {s: attention_weights(q4, k4, block_size, scope=s, **options)[0, 0] for s in visible}
-    dense_weights = _dense_weights(q, k, causal)  # (L, L)
-    dense_out = dense_weights @ v  # (L, d)
+    dense = dense_weights(q, k, causal)  # (L, L)
+    dense_out = dense @ v  # (L, d)
     global_out = global_attention(q4, k4, v4, block_size, scope=scope, **options)[0, 0]  # (L, d)
 
     # The seed averages embeddings; the library averages keys and values. The projections are linear,
@@ -254,8 +255,8 @@ def walk_through(
         key=k.tolist(),
         value=v.tolist(),
         dense=dict(
-            weights=dense_weights.tolist(),
-            **_strongest_and_weakest(dense_weights[position], words, _dense_visible(len(words), causal)[position]),
+            weights=dense.tolist(),
+            **_strongest_and_weakest(dense[position], words, _dense_visible(len(words), causal)[position]),
         ),
         global_attention=dict(columns=columns, weights=global_weights[scope].tolist(), visible=visible[scope].tolist()),
         token_weights={
@@ -266,6 +267,7 @@ def walk_through(
         + [_cost(n, best[n], head_dim, causal, "all") for n in LONG_SEQUENCES],
         cosine_similarity=F.cosine_similarity(dense_out, global_out, dim=-1).tolist(),
         picture=None,
+        page=None,  # the --html page's path
     )
 
 
@@ -288,7 +290,7 @@ def _dense_visible(seq_len: int, causal: bool) -> torch.Tensor:
     return everything.tril() if causal else everything  # (L, L)
 
 
-def _dense_weights(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
+def dense_weights(q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
     scores = q @ k.T / math.sqrt(q.shape[-1])  # (L, L)
     return scores.masked_fill(~_dense_visible(len(q), causal), float("-inf")).softmax(-1)
 
