@@ -10,7 +10,11 @@ chunk, whatever S.
 A tile is a block's queries (those at or after the first query position) and the block's keys; in
 causal mode the upper triangle of each tile is masked, not skipped (splitting blocks into smaller
 causal tiles saved those FLOPs but lost more to smaller matmuls on the CPU).  With ``top_blocks``,
-every row also scores the keys of the blocks it is routed to, gathered row by row.
+every row also scores the keys of the blocks it is routed to, gathered row by row.  With
+``window=w`` a tile's keys are the span of its rows' windows instead of its block (b + w - 1 keys
+causal).  Global tokens from outside the call (``extra_global_tokens``) are global columns ahead
+of the call's own.  Packed documents (``options.documents``) come as one row whose blocks are cut
+per document: a tile's keys and the global columns of its chunk stay within its documents.
 
 Inside a chunk the query rows are laid out (n, g, Qm): tile, query head in its group, row.  With
 that layout the grouped query heads of one key/value head share a single batched matmul, and the
