@@ -164,3 +164,10 @@ def test_refusals():
     layer = GlobalAttention(16, 2, block_size=BLOCK, causal=True)
     with pytest.raises(ValueError, match="document_ids go with neither cache"):
         layer(torch.randn(1, 3, 16), document_ids=good[:1, :3], cache=PooledKVCache())
+
+
+def test_an_empty_batch_with_documents():
+    q, k, v, _ = inputs(0, 6, masked=False)
+    ids = torch.zeros(0, 6, dtype=torch.long)
+    assert global_attention(q, k, v, BLOCK, document_ids=ids).shape == (0, 4, 6, 6)
+    assert attention_weights(q, k, BLOCK, document_ids=ids).shape[:3] == (0, 4, 6)

@@ -133,8 +133,8 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, block_size: int, *
     """The explicit attention weights of ``global_attention`` (the same keyword options but
     ``dropout_p``, ``extra_global_tokens``, ``return_lse`` and ``backend``; no values needed).
 
-    Returns (B, Hq, L, S + G): the S key columns first (the own block's keys, and with
-    ``top_blocks`` the routed blocks' keys), then one column per global token (with
+    Returns (B, Hq, L, S + G): the S key columns first (the own block's keys, or with ``window`` the
+    window's, and with ``top_blocks`` the routed blocks' keys), then one column per global token (with
     ``document_ids``, a row's blocks are its documents', G the most of any row, the rest zeros).
     Each row sums to 1 (or is all zeros when the row may see nothing); cells a query may not see
     are exactly 0.  Dense, for visualisation and explanation, not for long sequences.
@@ -154,6 +154,8 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, block_size: int, *
         documents = spec.document_blocks(ids[None], resolved.block_size, resolved.remainder)
         one = dataclasses.replace(resolved, key_mask=mask, documents=documents)
         rows.append(reference.weights(query[row : row + 1], key[row : row + 1], one))
+    if not rows:  # an empty batch: its rows have no blocks
+        return reference.weights(query, key, resolved)
     width = max(w.shape[-1] for w in rows)
     return torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[-1])) for w in rows])
 

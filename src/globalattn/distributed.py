@@ -3,7 +3,9 @@
 Each rank holds a contiguous run of whole blocks (its *shard*).  Local attention never leaves a
 block, so it needs no communication; what crosses ranks is the global tokens alone: every rank
 pools its blocks and all-gathers them, G x (D + Dv) per key/value head in all, where ring attention
-must pass every rank's S/P x (D + Dv) keys and values round the ring.
+must pass every rank's S/P x (D + Dv) keys and values round the ring.  With ``window=w`` a rank
+also receives the raw positions its queries' windows reach on the neighbouring ranks (halos of
+whole blocks), and its call spans them.
 
 A rank's output is one ``global_attention`` call on its shard, with the other ranks' global tokens
 as ``extra_global_tokens``: all of them (bidirectional), those of earlier ranks (causal: their
@@ -63,8 +65,9 @@ def context_parallel_attention(
     (causal, scope, remainder, key_mask, scale, window, dropout_p), all ranks passing the same; not
     ``top_blocks`` (it would read other ranks' raw tokens), ``extra_global_tokens`` nor
     ``document_ids``.  With
-    ``window=w`` each rank also receives the raw keys its queries' windows reach on its neighbours
-    (a halo of fewer than w + b positions a side, which must lie within the neighbour's shard).
+    ``window=w`` each rank also receives the raw keys its queries' windows reach on its neighbours,
+    extended to whole blocks (fewer than w + b positions a side, or up to a merged last block),
+    which must lie within the neighbour's shard.
 
     Returns (B, Hq, n, Dv): this rank's slice of ``global_attention`` on the whole sequence, with the
     gradients of the whole-sequence computation flowing back to every rank's inputs.

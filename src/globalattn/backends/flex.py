@@ -20,13 +20,15 @@ blocks -T .. -1, which every row may see).
 columns per row tile: the key tiles of the row tile's blocks, then the global tiles it may see), so
 no S x (S + G) mask is ever built and the mask works at 128k tokens and beyond.  A tile is "full"
 when every cell of it is provably visible: it lies inside the one block that all of the row tile's
-queries share (and, causal, before the first of them), or it holds complete earlier global tokens;
-with a ``key_mask`` or extra tokens nothing is provably visible, and every tile is partial.  Inside
-partial tiles the ``mask_mod`` applies the rules of docs/semantics.md cell by cell, through
-``spec.local_visible`` and ``spec.global_visible``, from small per-row and per-column tables (O(S)
-memory, captured by the mask_mod).  The tile lists depend only on the shapes and options, so they are cached per
-(shapes, options, device), the last 8 of them; with a key_mask only the (B, N) table of real
-columns is built per call.
+queries share (and, causal, before the first of them), or with ``window=w`` within every one of
+their windows, or it holds complete earlier global tokens; with a ``key_mask``, extra tokens or
+packed documents nothing is provably visible, and every tile is partial.  Inside partial tiles the
+``mask_mod`` applies the rules of docs/semantics.md cell by cell, through ``spec.local_visible``
+and ``spec.global_visible`` (and each block's document), from small per-row and per-column tables
+(O(S) memory, captured by the mask_mod).  Without packed documents the tile lists depend only on
+the shapes and options, so they are cached per (shapes, options, device), the last 8 of them, and
+with a key_mask only the (B, N) table of real columns is built per call; packed documents are
+planned on every call.
 
 Gradients: the global tokens come from ``spec.pool_blocks`` and are concatenated to the keys, so
 FlexAttention's own backward reaches the keys and values through the global tokens as well.
