@@ -55,6 +55,24 @@ class AttentionOptions:
         """T, the number of global tokens from outside the call."""
         return 0 if self.extra_global_tokens is None else self.extra_global_tokens.key.shape[2]
 
+    def global_tokens(self, key: torch.Tensor | None, value: torch.Tensor | None):
+        """Every global token this call's rows may be shown, as (key (B, Hkv, T + G, D), value
+        (B, Hkv, T + G, Dv), present (B, T + G)): the T from outside the call first (blocks -T .. -1,
+        before every block of the call), then the mean of each of the call's G blocks.  Either of
+        ``key`` and ``value`` may be None: its global tokens are then None too."""
+        given = [x for x in (key, value) if x is not None]
+        means, present = spec.pool_blocks(tuple(given), self.block_size, self.remainder, self.key_mask, self.documents)
+        means = iter(means)
+        key_global, value_global = (None if x is None else next(means) for x in (key, value))
+        extra = self.extra_global_tokens
+        if extra is None:
+            return key_global, value_global, present
+        key_global, value_global = (
+            None if x is None else torch.cat([x_extra, x], dim=2)
+            for x, x_extra in ((key_global, extra.key), (value_global, extra.value))
+        )
+        return key_global, value_global, torch.cat([extra.present, present], dim=1)
+
 
 def resolve(query, key, value, block_size, **keywords) -> AttentionOptions:
     """Check one call's arguments (``value=None``: a call without values, ``attention_weights``);

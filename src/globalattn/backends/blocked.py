@@ -41,21 +41,14 @@ def unsupported(query, key, value, options) -> None:
 
 
 def attention(query, key, value, options):
-    documents = options.documents
-    (key_global, value_global), present = spec.pool_blocks(
-        (key, value), options.block_size, options.remainder, options.key_mask, documents
-    )
+    # Tokens from outside the call are global columns ahead of the call's own; their gradients
+    # flow back through the concatenation.
+    key_global, value_global, present = options.global_tokens(key, value)
     # Packed documents travel to the op as one (6, G) table of their blocks.
     document_table = None
-    if documents is not None:
+    if options.documents is not None:
         parts = ("starts", "ends", "first_block", "last_block", "doc_start", "doc_end")
-        document_table = torch.stack([getattr(documents, name) for name in parts])
-    if options.extra_global_tokens is not None:
-        # Tokens from outside the call are global columns ahead of the call's own (blocks -T .. -1,
-        # before every block here); their gradients flow back through the concatenation.
-        extra_key, extra_value, extra_present = options.extra_global_tokens
-        key_global, value_global = torch.cat([extra_key, key_global], 2), torch.cat([extra_value, value_global], 2)
-        present = torch.cat([extra_present, present], dim=1)
+        document_table = torch.stack([getattr(options.documents, name) for name in parts])
     # Dropout draws its masks from one seed per call, taken from torch's generator (so that
     # torch.manual_seed reproduces a run) and replayed by the backward.
     seed = torch.randint(2**62, (1,)) if options.dropout_p > 0 else None

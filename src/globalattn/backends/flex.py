@@ -30,7 +30,7 @@ the shapes and options, so they are cached per (shapes, options, device), the la
 with a key_mask only the (B, N) table of real columns is built per call; packed documents are
 planned on every call.
 
-Gradients: the global tokens come from ``spec.pool_blocks`` and are concatenated to the keys, so
+Gradients: the global tokens come from ``AttentionOptions.global_tokens`` and are concatenated to the keys, so
 FlexAttention's own backward reaches the keys and values through the global tokens as well.
 
 Memory beyond the inputs: the concatenated keys and values (S + G rows each), the O(S) tables, and
@@ -97,10 +97,8 @@ def attention(query, key, value, options):
         options.extra_global_tokens,
     )
     documents = options.documents
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask, documents)
-    if extra is not None:  # tokens from outside the call: global columns ahead of the call's own
-        key_global, value_global = torch.cat([extra.key, key_global], 2), torch.cat([extra.value, value_global], 2)
-        present = torch.cat([extra.present, present], dim=1)
+    # Tokens from outside the call lead the global columns, ahead of the call's own.
+    key_global, value_global, present = options.global_tokens(key, value)
     # With padding or extra tokens, whether a column exists differs per batch element.
     masked = key_mask is not None or extra is not None
     mode = (options.causal, options.scope, options.window, TILE)

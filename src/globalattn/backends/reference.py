@@ -27,11 +27,7 @@ def attention(query, key, value, options):
     weights, lse = _weights_and_lse(query, key, options)
     if options.dropout_p > 0:
         weights = F.dropout(weights, p=options.dropout_p)
-    (value_global,), _ = spec.pool_blocks(
-        (value,), options.block_size, options.remainder, options.key_mask, options.documents
-    )
-    if options.extra_global_tokens is not None:
-        value_global = torch.cat([options.extra_global_tokens.value, value_global], dim=2)
+    _, value_global, _ = options.global_tokens(None, value)
     values = _with_globals(value, value_global, query.shape[1]).to(weights.dtype)  # (B, Hq, S + T + G, Dv)
     return (weights @ values).to(query.dtype), lse
 
@@ -43,16 +39,11 @@ def _weights_and_lse(query, key, options):
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     block_size, remainder, key_mask = options.block_size, options.remainder, options.key_mask
     documents = options.documents
-    (key_global,), present = spec.pool_blocks((key,), block_size, remainder, key_mask, documents)  # (B, Hkv, G, D)
+    key_global, _, present = options.global_tokens(key, None)  # (B, Hkv, T + G, D), (B, T + G)
     device = query.device
-    global_block = torch.arange(key_global.shape[2], device=device)
-    extra = options.extra_global_tokens
-    if extra is not None:
-        # Tokens from outside the call come first, as block -1: before every block of the call,
-        # which every rule lets every row see (causal: j < c; scope "all").
-        key_global = torch.cat([extra.key, key_global], dim=2)
-        present = torch.cat([extra.present, present], dim=1)
-        global_block = torch.cat([global_block.new_full((options.num_extra,), -1), global_block])
+    # Tokens from outside the call are blocks -T .. -1: before every block of the call, which every
+    # rule lets every row see (causal: j < c; scope "all").
+    global_block = torch.arange(key_global.shape[2], device=device) - options.num_extra
     keys = _with_globals(key, key_global, q_heads).to(compute_dtype)  # (B, Hq, S + T + G, D)
     scores = options.scale * (query.to(compute_dtype) @ keys.transpose(-1, -2))  # (B, Hq, L, S + T + G)
 
