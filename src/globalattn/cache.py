@@ -123,8 +123,7 @@ class PooledKVCache:
         if not self.pending:
             raise RuntimeError("attend() needs update() first: it attends with the positions update() staged")
         checks.positive_int("block_size", block_size)
-        if window is not None:
-            checks.positive_int("window", window, " (or None: the own block's keys)")
+        checks.window(window)
         if self.block_size is not None and (block_size, window) != (self.block_size, self.window):
             raise ValueError(
                 f"block_size and window must stay {self.block_size} and {self.window} (the cache's), "

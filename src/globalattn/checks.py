@@ -31,6 +31,12 @@ def positive_number(name: str, x) -> None:
         raise ValueError(f"{name} must be a positive number, got {x!r}")
 
 
+def window(x) -> None:
+    """``window``: a positive int (the raw keys within w of a query), or None (its own block's keys)."""
+    if x is not None:
+        positive_int("window", x, " (or None: the own block's keys)")
+
+
 def non_negative_int(name: str, x, meaning: str = "") -> None:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
         raise ValueError(f"{name} must be a non-negative int{meaning}, got {x!r}")

@@ -63,8 +63,7 @@ class GlobalAttention(nn.Module):
         checks.positive_int("block_size", block_size)
         checks.mode(causal, scope)
         checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
-        if window is not None:
-            checks.positive_int("window", window, " (or None: the own block's keys)")
+        checks.window(window)
         if context_parallel_group is not None and top_blocks:
             raise ValueError("top_blocks is not available with context_parallel_group (it reads other ranks' tokens)")
         checks.probability("dropout", dropout)

@@ -125,8 +125,7 @@ def _resolve(
     if key_mask is not None:
         checks.bool_mask("key_mask", key_mask, (batch, seq_len), query.device)
     checks.non_negative_int("top_blocks", top_blocks, " (0 = no routing)")
-    if window is not None:
-        checks.positive_int("window", window, " (or None: the own block's keys)")
+    checks.window(window)
     checks.probability("dropout_p", dropout_p)
     extra = _check_extra_global_tokens(extra_global_tokens, key, value, scope, top_blocks)
     if document_ids is not None:
@@ -203,8 +202,9 @@ def _check_document_ids(ids, shape: tuple, q_len: int, device, extra) -> None:
         raise ValueError(f"{name} needs queries at every position (L == S), got L={q_len} and S={shape[1]}")
     if extra is not None:
         raise ValueError(f"{name} cannot be used with extra_global_tokens: which document would they belong to?")
-    if bool((ids[:, 1:] < ids[:, :-1]).any()):
-        row, pos = (ids[:, 1:] < ids[:, :-1]).nonzero()[0].tolist()
+    decreasing = (ids[:, 1:] < ids[:, :-1]).nonzero()
+    if len(decreasing):
+        row, pos = decreasing[0].tolist()
         raise ValueError(
             f"{name} must be non-decreasing along S (one run of positions per document): row {row} goes from "
             f"{int(ids[row, pos])} to {int(ids[row, pos + 1])} at position {pos + 1}"
