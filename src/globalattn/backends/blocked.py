@@ -10,7 +10,10 @@ chunk, whatever S.
 A tile is a block's queries (those at or after the first query position) and the block's keys; in
 causal mode the upper triangle of each tile is masked, not skipped (splitting blocks into smaller
 causal tiles saved those FLOPs but lost more to smaller matmuls on the CPU).  With ``top_blocks``,
-every row also scores the keys of the blocks it is routed to, gathered row by row.  With
+every row also attends to the keys of the blocks it is routed to: the (row, block) pairs are grouped
+by block, as MoBA does, so that a block's keys are loaded once for all the rows that chose it and
+scored by one matmul (``_Routes``); that part has a softmax of its own, merged with the chunks'
+through the log-sum-exp.  With
 ``window=w`` a tile's keys are the span of its rows' windows instead of its block (b + w - 1 keys
 causal).  Global tokens from outside the call (``extra_global_tokens``) are global columns ahead
 of the call's own.  Packed documents (``options.documents``) come as one row whose blocks are cut
@@ -23,7 +26,9 @@ key gradients' sum over the group falls out of the matmul instead of a separate 
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +99,7 @@ def _plan(
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
         block_document=None if document_table is None else document_table[2],
-        chunks=_plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window, table),
+        chunks=_plan_chunks(query, key.shape[2], starts, ends, causal, scope, num_extra, window, table),
     )
 
 
@@ -135,19 +140,15 @@ class _Options:
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, key, value, starts, ends, causal, scope, top_blocks, num_extra, window, documents):
+def _plan_chunks(query, seq_len, starts, ends, causal, scope, num_extra, window, documents):
     """``documents``: None, or the (6, G) table of packed documents' blocks (their starts, ends, and
     their documents' first and last blocks, first and one-past-last positions)."""
     batch, q_heads, q_len, _ = query.shape
-    seq_len = key.shape[2]
     if batch * q_heads * q_len == 0:
         return []
     num_global = starts.numel()
     offset = seq_len - q_len  # query row i sits at position offset + i
-    # Per query row: scores against the global tokens and, when routing, the routed keys' scores
-    # plus their gathered keys and values.
-    routed = min(top_blocks, num_global) * int((ends - starts).max())
-    per_row = num_extra + num_global + routed * (1 + key.shape[-1] + value.shape[-1])
+    per_row = num_extra + num_global  # each query row's scores against the global tokens
     q_start = starts.clamp(min=offset)  # each block's first query position
     blocks = torch.nonzero(ends > q_start)[:, 0]  # the blocks that hold queries
     key_lo, key_hi = starts, ends  # the keys a tile's queries may see: its block's, or their windows'
@@ -249,29 +250,42 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     options = _plan(query, key, value, present, key_mask, seed, document_table, block_size, causal, scope, remainder,
                     scale, top_blocks, dropout_p, num_extra, window)  # fmt: skip
-    out, lse = _empty_outputs(query, value)  # every row is written by the one tile that holds it
-    for chunk in options.chunks:
+    routes = _Routes(options, query, key) if options.top_blocks else None
+    # Every row is written by the one tile that holds it; with routing it is merged with the
+    # routed part afterwards, so it is held in the compute dtype until then.
+    out, lse = _empty_outputs(query, value, query.dtype if routes is None else lse_dtype(query))
+
+    def forward_chunk(chunk):
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
+        if routes is not None:
+            routes.choose(tiles)
         probs, chunk_lse = tiles.probabilities()
         if options.dropout_p > 0:
             probs.mul_(tiles.dropout_scale(probs.shape))
         tiles.write_rows(out, tiles.weighted_values(probs))
         tiles.write_rows(lse[..., None], chunk_lse[..., None])
-    return out, lse
+
+    _for_each(forward_chunk, options.chunks)
+    if routes is not None:
+        routes.add_forward(query, key, value, out, lse)
+    return out.to(query.dtype), lse
 
 
 @_forward_op.register_fake
 def _(query, key, value, *rest):
-    return _empty_outputs(query, value)
+    return _empty_outputs(query, value, query.dtype)
 
 
-def _empty_outputs(query, value):
-    """out (B, Hq, L, Dv) in the query's dtype and lse (B, Hq, L) in float32 or better, unfilled."""
+def lse_dtype(query) -> torch.dtype:
+    """The compute dtype: float32 or better."""
+    return torch.promote_types(query.dtype, torch.float32)
+
+
+def _empty_outputs(query, value, out_dtype):
+    """out (B, Hq, L, Dv) in ``out_dtype`` and lse (B, Hq, L) in float32 or better, unfilled."""
     batch, q_heads, q_len, _ = query.shape
-    lse_dtype = torch.promote_types(query.dtype, torch.float32)
-    return query.new_empty(batch, q_heads, q_len, value.shape[-1]), query.new_empty(
-        batch, q_heads, q_len, dtype=lse_dtype
-    )
+    out = query.new_empty(batch, q_heads, q_len, value.shape[-1], dtype=out_dtype)
+    return out, query.new_empty(batch, q_heads, q_len, dtype=lse_dtype(query))
 
 
 @torch.library.custom_op("globalattn::blocked_backward", mutates_args=())
@@ -302,10 +316,15 @@ def _backward_op(
     options = _plan(query, key, value, present, key_mask, seed, document_table, block_size, causal, scope, remainder,
                     scale, top_blocks, dropout_p, num_extra, window)  # fmt: skip
     inputs = (query, key, value, key_global, value_global)
-    grads = [torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in inputs]
+    # Contiguous, whatever the inputs' layout: the routed part adds to them through flat views.
+    grads = [x.new_zeros(x.shape, dtype=lse_dtype(x)) for x in inputs]
     grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
-    for chunk in options.chunks:
+    routes = _Routes(options, query, key) if options.top_blocks else None
+
+    def backward_chunk(chunk, grad_key, grad_value, grad_key_global, grad_value_global):
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
+        if routes is not None:
+            routes.choose(tiles)
         probs, _ = tiles.probabilities(lse=tiles.gather_rows(lse[..., None])[..., 0])
         tiles.zero_padding_rows_(probs)  # a padding slot repeats a real query: keep it out of dK, dV
         d_out = tiles.gather_rows(grad_out)  # (B, Hkv, n, g*Qm, Dv)
@@ -322,6 +341,11 @@ def _backward_op(
         tiles.add_value_grads(weights, d_out, grad_value, grad_value_global)
         d_scores.sub_(delta).mul_(probs)
         tiles.write_rows(grad_query, tiles.add_key_grads(d_scores, grad_key, grad_key_global))
+
+    # dQ rows belong to one tile each; the keys' and global tokens' gradients are sums over chunks.
+    _for_each(backward_chunk, options.chunks, grad_key, grad_value, grad_key_global, grad_value_global)
+    if routes is not None:  # after the chunks: they write their rows of dQ, the routed part adds to them
+        routes.add_backward(query, key, value, grad_out, grad_lse, out, lse, grad_query, grad_key, grad_value)
     return tuple(g.to(x.dtype) for g, x in zip(grads, inputs))
 
 
@@ -349,8 +373,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 class _ChunkTiles:
     """One chunk's inputs gathered into padded tiles, in the compute dtype, and the tile math.
 
-    Score columns of a row: [its tile's keys (Km) | the global tokens (Gv) | with ``top_blocks``,
-    the keys of its routed blocks (R = k * the longest block)].
+    Score columns of a row: [its tile's keys (Km) | the global tokens (Gv)].
     """
 
     def __init__(self, chunk: _Chunk, options: _Options, query, key, value, key_global, value_global):
@@ -372,8 +395,6 @@ class _ChunkTiles:
         self.value_global = value_global[:, :, chunk.global_cols].to(self.dtype)  # (B, Hkv, Gv, Dv)
         self.global_scores = self._rows_times(self.key_global.transpose(-1, -2))  # (B, Hkv, n, g*Qm, Gv)
         self.g_width = self.key_global.shape[2]
-        if options.top_blocks:
-            self._route(key, value)
 
     # -- layout -------------------------------------------------------------------------------
     def gather_rows(self, x):
@@ -417,9 +438,8 @@ class _ChunkTiles:
             tile.mul_(self.chunk.query_real[:, None, :, None])  # (n, 1, Qm, 1)
 
     def _split(self, x):
-        """Columns [local keys | global tokens | routed keys] of a score-shaped tile."""
-        routed_start = self.k_width + self.g_width
-        return x[..., : self.k_width], x[..., self.k_width : routed_start], x[..., routed_start:]
+        """Columns [local keys | global tokens] of a score-shaped tile."""
+        return x[..., : self.k_width], x[..., self.k_width :]
 
     # -- who sees what ------------------------------------------------------------------------
     def _local_seen(self):
@@ -452,41 +472,17 @@ class _ChunkTiles:
             tile = scores.view(*scores.shape[:3], self.group, self.q_width, scores.shape[-1])
             tile.masked_fill_(~seen[:, None, :, None], float("-inf"))
 
-    def _route(self, key, value):
-        """Each row's top blocks (``top_blocks``), their keys and values gathered per row."""
-        options = self.options
+    def top_blocks(self):
+        """Each row's routed blocks (``top_blocks``), from its unmasked global scores.
+
+        Returns ``blocks`` and ``chosen`` (B, Hkv, n, g*Qm, k), k = min(top_blocks, Gv); the block
+        indices count from 0 (routing is never used with extra tokens).
+        """
         candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B, 1, n, 1, 1, Gv)
         scores = self.global_scores.view(*self.global_scores.shape[:3], self.group, self.q_width, -1)
-        blocks, chosen = spec.select_top_blocks(scores, candidate, options.top_blocks)  # (B, Hkv, n, g, Qm, k)
-        blocks = blocks.flatten(2, 4) + self.chunk.global_cols.start  # (B, Hkv, rows, k)
-        chosen = chosen.flatten(2, 4)
-        longest = int((options.block_ends - options.block_starts).max())
-        pos = options.block_starts[blocks][..., None] + torch.arange(longest, device=blocks.device)
-        seen = chosen[..., None] & (pos < options.block_ends[blocks][..., None])  # (B, Hkv, rows, k, longest)
-        pos = torch.where(seen, pos, 0).flatten(-2)  # (B, Hkv, rows, R)
-        seen = seen.flatten(-2)
-        if options.key_mask is not None:
-            seen = seen & options.key_mask.gather(1, pos.flatten(1)).view(seen.shape)
-        if options.window is not None:  # the union with the window: a key in both is seen once, as local
-            rows = self.chunk.query_rows + options.query_offset  # (n, Qm) query positions
-            row_pos = rows[:, None, :].expand(self.n, self.group, self.q_width).reshape(-1, 1)  # (rows, 1)
-            seen = seen & ~spec.in_window(row_pos, pos, options.causal, options.window)
-        self.routed_pos, self.routed_seen = pos, seen
-        self.routed_key = self._gather_routed(key)  # (B, Hkv, rows, R, D)
-        self.routed_value = self._gather_routed(value)  # (B, Hkv, rows, R, Dv)
-
-    def _gather_routed(self, x):
-        index = self.routed_pos.flatten(2)[..., None].expand(-1, -1, -1, x.shape[-1])
-        return x.gather(2, index).to(self.dtype).view(*self.routed_pos.shape, x.shape[-1])
-
-    def _scatter_routed(self, target, per_key):
-        """target (B, Hkv, S, E) += per_key (B, Hkv, rows, R, E) at the routed key positions."""
-        index = self.routed_pos.flatten(2)[..., None].expand(-1, -1, -1, per_key.shape[-1])
-        target.scatter_add_(2, index, per_key.flatten(2, 3))
-
-    def _per_row(self, rows, per_key):
-        """Row-wise products with the routed keys: rows (B, Hkv, n, g*Qm, E) . per_key (..., R, E)."""
-        return (rows.flatten(2, 3)[..., None, :] @ per_key.transpose(-1, -2))[..., 0, :].unflatten(2, (self.n, -1))
+        blocks, chosen = spec.select_top_blocks(scores, candidate, self.options.top_blocks)  # (B, Hkv, n, g, Qm, k)
+        shape = (*blocks.shape[:3], self.group * self.q_width, -1)
+        return (blocks + self.chunk.global_cols.start).reshape(shape), chosen.reshape(shape)
 
     # -- math ---------------------------------------------------------------------------------
     def probabilities(self, lse=None):
@@ -497,13 +493,9 @@ class _ChunkTiles:
         """
         local = self.query_log2 @ self.key.transpose(-1, -2)  # (B, Hkv, n, g*Qm, Km), log2 units
         self._hide_unseen_(local, self._local_seen())
-        glob = self.global_scores  # masked in place: routing, the only other reader, ran in __init__
+        glob = self.global_scores  # masked in place: routing, the only other reader, chose before
         self._hide_unseen_(glob, self._global_seen())
-        parts = [local, glob]
-        if self.options.top_blocks:
-            routed = self._per_row(self.query_log2, self.routed_key)  # (B, Hkv, n, g*Qm, R)
-            parts.append(routed.masked_fill_(~self.routed_seen.unflatten(2, (self.n, -1)), float("-inf")))
-        scores = torch.cat(parts, dim=-1)
+        scores = torch.cat([local, glob], dim=-1)
         if lse is not None:
             return scores.sub_(spec.finite_or_zero(lse)[..., None] * LOG2_E).exp2_(), None
         row_max = spec.finite_or_zero(scores.amax(-1, keepdim=True))
@@ -514,44 +506,263 @@ class _ChunkTiles:
 
     def dropout_scale(self, shape):
         """The chunk's dropout mask divided by the keep probability; the same draw in backward."""
-        generator = torch.Generator(device=self.key.device)
-        generator.manual_seed(self.options.seed + self.chunk.index)
-        keep = 1.0 - self.options.dropout_p
-        draw = torch.rand(shape, generator=generator, device=self.key.device, dtype=self.dtype)
-        return (draw < keep).to(self.dtype).div_(keep)
+        return _dropout_scale(self.options, self.chunk.index, shape, self.key.device, self.dtype)
 
     def weighted_values(self, weights):
-        local, glob, routed = self._split(weights)
-        out = local @ self.value + (glob.flatten(2, 3) @ self.value_global).unflatten(2, (self.n, -1))
-        if self.options.top_blocks:
-            out += (routed.flatten(2, 3)[..., None, :] @ self.routed_value)[..., 0, :].unflatten(2, (self.n, -1))
-        return out
+        local, glob = self._split(weights)
+        return local @ self.value + (glob.flatten(2, 3) @ self.value_global).unflatten(2, (self.n, -1))
 
     def value_products(self, d_out):
         """dO times every column's value: (B, Hkv, n, g*Qm, C)."""
         glob = (d_out.flatten(2, 3) @ self.value_global.transpose(-1, -2)).unflatten(2, (self.n, -1))
-        parts = [d_out @ self.value.transpose(-1, -2), glob]
-        if self.options.top_blocks:
-            parts.append(self._per_row(d_out, self.routed_value))
-        return torch.cat(parts, dim=-1)
+        return torch.cat([d_out @ self.value.transpose(-1, -2), glob], dim=-1)
 
     def add_key_grads(self, d_scores, grad_key, grad_key_global):
-        """Backward through scores = (scale Q) [K ; Kg ; routed K]^T: adds dK and dKg; returns dQ rows."""
-        local, glob, routed = self._split(d_scores)
+        """Backward through scores = (scale Q) [K ; Kg]^T: adds dK and dKg; returns dQ rows."""
+        local, glob = self._split(d_scores)
         glob_flat = glob.flatten(2, 3)
         d_query = local @ self.key + (glob_flat @ self.key_global).unflatten(2, (self.n, -1))
         self._add_keys(grad_key, local.transpose(-1, -2) @ self.scaled_query)
         grad_key_global[:, :, self.chunk.global_cols] += glob_flat.transpose(-1, -2) @ self.scaled_query.flatten(2, 3)
-        if self.options.top_blocks:
-            routed = routed.flatten(2, 3)[..., None]  # (B, Hkv, rows, R, 1)
-            d_query += (routed.transpose(-1, -2) @ self.routed_key)[..., 0, :].unflatten(2, (self.n, -1))
-            self._scatter_routed(grad_key, routed * self.scaled_query.flatten(2, 3)[..., None, :])
         return d_query.mul_(self.options.scale)
 
     def add_value_grads(self, weights, d_out, grad_value, grad_value_global):
-        """Backward through out = weights [V ; Vg ; routed V]: adds dV and dVg."""
-        local, glob, routed = self._split(weights)
+        """Backward through out = weights [V ; Vg]: adds dV and dVg."""
+        local, glob = self._split(weights)
         self._add_keys(grad_value, local.transpose(-1, -2) @ d_out)
         grad_value_global[:, :, self.chunk.global_cols] += glob.flatten(2, 3).transpose(-1, -2) @ d_out.flatten(2, 3)
-        if self.options.top_blocks:
-            self._scatter_routed(grad_value, routed.flatten(2, 3)[..., None] * d_out.flatten(2, 3)[..., None, :])
+
+
+def _dropout_scale(options, index, shape, device, dtype):
+    """Dropout mask number ``index`` of the call, divided by the keep probability.  Each chunk (and
+    each routed chunk after them) draws from its own seed, so that backward redraws the same mask."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(options.seed + index)
+    keep = 1.0 - options.dropout_p
+    return (torch.rand(shape, generator=generator, device=device, dtype=dtype) < keep).to(dtype).div_(keep)
+
+
+# (row, block) pairs per routed tile.  Rows that chose the same block share its keys in one matmul;
+# a block chosen by fewer rows pads its last tile.
+ROUTED_TILE_ROWS = 64
+
+
+class _Routes:
+    """Routing (``top_blocks``): the blocks each row chose, and their keys' part of the softmax.
+
+    The chunks record each row's choice (``choose``).  The chosen (row, block) pairs are then sorted
+    by (batch, key head, block) and cut into tiles of ROUTED_TILE_ROWS pairs of one block, so that
+    each tile scores its rows against its block's keys in one matmul.  Forward computes every pair's
+    output and lse and merges them with the chunks' rows; backward recomputes the pairs' weights
+    from the merged lse, as the chunks do.  A key that is also in the row's window counts as local.
+    """
+
+    def __init__(self, options: _Options, query, key):
+        self.options = options
+        self.batch, self.q_heads, self.q_len, _ = query.shape
+        self.kv_heads, self.seq_len = key.shape[1], key.shape[2]
+        self.dtype = lse_dtype(query)
+        self.longest = int((options.block_ends - options.block_starts).max())
+        shape = (self.batch, self.q_heads, self.q_len, min(options.top_blocks, options.block_starts.numel()))
+        self.blocks = query.new_zeros(shape, dtype=torch.long)
+        self.chosen = query.new_zeros(shape, dtype=torch.bool)
+
+    def choose(self, tiles: _ChunkTiles) -> None:
+        blocks, chosen = tiles.top_blocks()
+        width = blocks.shape[-1]  # fewer candidates in the first chunks of a causal call
+        tiles.write_rows(self.blocks[..., :width], blocks)
+        tiles.write_rows(self.chosen[..., :width], chosen)
+
+    def _group(self) -> None:
+        """The chosen pairs (``pair_*``, P of them) and the tiles (``tile_*``) they are cut into."""
+        num_blocks = self.options.block_starts.numel()
+        batch, head, row, slot = self.chosen.nonzero(as_tuple=True)
+        block = self.blocks[batch, head, row, slot]
+        group = (batch * self.kv_heads + head // (self.q_heads // self.kv_heads)) * num_blocks + block
+        group, order = torch.sort(group, stable=True)
+        batch, head, row, self.pair_slot = (x[order] for x in (batch, head, row, slot))
+        self.pair_query_row = (batch * self.q_heads + head) * self.q_len + row  # in a flat (B * Hq * L, D) view
+        self.num_pairs = group.numel()
+        # Each group's pairs fill ceil(count / ROUTED_TILE_ROWS) consecutive tiles.
+        counts = torch.bincount(group, minlength=self.batch * self.kv_heads * num_blocks)
+        tiles_per_group = (counts + ROUTED_TILE_ROWS - 1) // ROUTED_TILE_ROWS
+        rank = torch.arange(self.num_pairs, device=group.device) - (counts.cumsum(0) - counts)[group]
+        tile = (tiles_per_group.cumsum(0) - tiles_per_group)[group] + rank // ROUTED_TILE_ROWS
+        pairs = group.new_full((int(tiles_per_group.sum()), ROUTED_TILE_ROWS), -1)
+        pairs[tile, rank % ROUTED_TILE_ROWS] = torch.arange(self.num_pairs, device=group.device)
+        self.tile_real = pairs >= 0
+        self.tile_pairs = torch.where(self.tile_real, pairs, pairs[:, :1])  # padding repeats the tile's first pair
+        tile_group = group[self.tile_pairs[:, 0]]
+        self.tile_block = tile_group % num_blocks
+        batch_and_head = tile_group // num_blocks
+        self.tile_batch, self.tile_kv_head = batch_and_head // self.kv_heads, batch_and_head % self.kv_heads
+
+    def _tile_chunks(self):
+        """Consecutive tiles, as few at a time as keep a chunk's scores near CHUNK_ELEMENTS."""
+        per_chunk = max(1, CHUNK_ELEMENTS // (ROUTED_TILE_ROWS * self.longest))
+        num_tiles = self.tile_pairs.shape[0]
+        return list(
+            enumerate(range(start, min(start + per_chunk, num_tiles)) for start in range(0, num_tiles, per_chunk))
+        )
+
+    def _tiles(self, tiles: range, query, key, value) -> _RoutedTiles:
+        """query, key, value: flat (B * Hq * L, D), (B * Hkv * S, D | Dv) views (rows of index_select)."""
+        options, tiles = self.options, slice(tiles.start, tiles.stop)
+        pairs = self.tile_pairs[tiles]  # (n, T)
+        query_rows = self.pair_query_row[pairs]
+        scaled_query = _select_rows(query, query_rows).to(self.dtype) * options.scale  # (n, T, D)
+        block, tile_batch = self.tile_block[tiles], self.tile_batch[tiles, None]
+        start, end = options.block_starts[block, None], options.block_ends[block, None]
+        pos = start + torch.arange(self.longest, device=start.device)  # (n, Lk)
+        key_real = pos < end
+        pos = torch.where(key_real, pos, start)
+        key_rows = (tile_batch * self.kv_heads + self.tile_kv_head[tiles, None]) * self.seq_len + pos
+        tile_key, tile_value = (_select_rows(x, key_rows).to(self.dtype) for x in (key, value))  # (n, Lk, D|Dv)
+        scores = (scaled_query * LOG2_E) @ tile_key.transpose(-1, -2)  # (n, T, Lk), log2 units
+        seen = self.tile_real[tiles, :, None] & key_real[:, None, :]
+        if options.key_mask is not None:
+            seen = seen & options.key_mask[tile_batch, pos][:, None, :]
+        if options.window is not None:
+            query_pos = (query_rows % self.q_len + options.query_offset)[..., None]
+            seen = seen & ~spec.in_window(query_pos, pos[:, None, :], options.causal, options.window)
+        scores.masked_fill_(~seen, float("-inf"))
+        return _RoutedTiles(
+            pairs=pairs,
+            real=self.tile_real[tiles],
+            query_rows=query_rows.flatten(),
+            key_rows=key_rows.flatten(),
+            scaled_query=scaled_query,
+            key=tile_key,
+            value=tile_value,
+            scores=scores,
+        )
+
+    def _dropout_scale(self, index, shape):
+        return _dropout_scale(self.options, len(self.options.chunks) + index, shape, self.blocks.device, self.dtype)
+
+    def add_forward(self, query, key, value, out, lse) -> None:
+        """Merges the routed pairs into the chunks' ``out`` (compute dtype) and ``lse``, in place."""
+        self._group()
+        if self.num_pairs == 0:
+            return
+        pair_out = out.new_zeros(self.num_pairs, out.shape[-1])
+        pair_lse = lse.new_full((self.num_pairs,), float("-inf"))
+        query, key, value = _flat_rows(query, key, value)
+
+        def forward_tiles(numbered):
+            index, tiles = numbered
+            part = self._tiles(tiles, query, key, value)
+            row_max = spec.finite_or_zero(part.scores.amax(-1, keepdim=True))
+            probs = part.scores.sub_(row_max).exp2_()
+            total = probs.sum(-1, keepdim=True)
+            if self.options.dropout_p > 0:
+                probs.mul_(self._dropout_scale(index, probs.shape))
+            values = (probs @ part.value).div_(torch.where(total > 0, total, 1.0))
+            real = part.pairs[part.real]
+            pair_out[real] = values[part.real]
+            pair_lse[real] = ((row_max + torch.log2(total))[..., 0] * LN_2)[part.real]
+
+        _for_each(forward_tiles, self._tile_chunks())
+        # out = sum over parts of exp(lse_part - lse) * out_part, lse = logsumexp of the parts' lse.
+        rows = self.pair_query_row
+        chunk_lse = lse.view(-1)
+        by_slot = chunk_lse.new_full((chunk_lse.numel(), self.blocks.shape[-1]), float("-inf"))
+        by_slot[rows, self.pair_slot] = pair_lse
+        merged = torch.logsumexp(torch.cat([chunk_lse[:, None], by_slot], dim=1), dim=1)
+        base = spec.finite_or_zero(merged)
+        out_rows = out.view(-1, out.shape[-1])
+        out_rows.mul_(torch.exp(chunk_lse - base)[:, None])
+        out_rows.index_add_(0, rows, pair_out.mul_(torch.exp(pair_lse - base[rows])[:, None]))
+        chunk_lse.copy_(merged)
+
+    def add_backward(self, query, key, value, grad_out, grad_lse, out, lse, grad_query, grad_key, grad_value):
+        """Adds the routed pairs' gradients to the (contiguous) dQ, dK and dV."""
+        self._group()
+        if self.num_pairs == 0:
+            return
+        delta = (grad_out.to(self.dtype) * out.to(self.dtype)).sum(-1)  # as the chunks': <dO, O> - d_lse
+        if grad_lse is not None:
+            delta = delta - grad_lse
+        base = (spec.finite_or_zero(lse) * LOG2_E).view(-1)
+        delta = delta.view(-1)
+        query, key, value, grad_out = _flat_rows(query, key, value, grad_out)
+
+        def backward_tiles(numbered, grad_query, grad_key, grad_value):
+            index, tiles = numbered
+            flat_query, flat_key, flat_value = (g.view(-1, g.shape[-1]) for g in (grad_query, grad_key, grad_value))
+            part = self._tiles(tiles, query, key, value)
+            rows = part.query_rows.view(part.real.shape)
+            probs = part.scores.sub_(base[rows][..., None]).exp2_()
+            d_out = _select_rows(grad_out, rows).to(self.dtype)  # (n, T, Dv)
+            d_probs = d_out @ part.value.transpose(-1, -2)
+            weights = probs
+            if self.options.dropout_p > 0:
+                keep = self._dropout_scale(index, probs.shape)
+                d_probs.mul_(keep)
+                weights = probs * keep
+            flat_value.index_add_(0, part.key_rows, (weights.transpose(-1, -2) @ d_out).flatten(0, 1))
+            d_scores = d_probs.sub_(delta[rows][..., None]).mul_(probs)  # padding slots: all zero
+            flat_query.index_add_(0, part.query_rows, (d_scores @ part.key).mul_(self.options.scale).flatten(0, 1))
+            flat_key.index_add_(0, part.key_rows, (d_scores.transpose(-1, -2) @ part.scaled_query).flatten(0, 1))
+
+        _for_each(backward_tiles, self._tile_chunks(), grad_query, grad_key, grad_value)
+
+
+@dataclass(frozen=True)
+class _RoutedTiles:
+    """Some routed tiles' inputs and masked scores: n tiles of T (row, block) pairs and Lk keys."""
+
+    pairs: torch.Tensor  # (n, T) the pair of each slot (padding slots repeat a real one)
+    real: torch.Tensor  # (n, T) bool: the slot holds a pair of the tile
+    query_rows: torch.Tensor  # (n * T,) each slot's row in a flat (B * Hq * L, E) view
+    key_rows: torch.Tensor  # (n * Lk,) each key slot's row in a flat (B * Hkv * S, E) view
+    scaled_query: torch.Tensor  # (n, T, D)
+    key: torch.Tensor  # (n, Lk, D)
+    value: torch.Tensor  # (n, Lk, Dv)
+    scores: torch.Tensor  # (n, T, Lk) in log2 units, -inf where the pair may not look
+
+
+def _flat_rows(*tensors):
+    """(B, H, N, E) tensors as (B * H * N, E): views when they can be, else one copy each."""
+    return tuple(x.reshape(-1, x.shape[-1]) for x in tensors)
+
+
+def _select_rows(flat, index):
+    """flat[index] for an index tensor of any shape, as one index_select (several times faster here)."""
+    return flat.index_select(0, index.flatten()).view(*index.shape, flat.shape[-1])
+
+
+def _for_each(work, items, *accumulators) -> None:
+    """``work(item, *accumulators)`` for every item, spread over torch's intra-op thread count.
+
+    Each thread runs its items one after another with one intra-op thread: the chunks' matmuls are
+    small, and a team of threads synchronising at every op collapses when another process takes a
+    core (measured: 3.6x slower, against 1.6x for independent threads).  Each thread adds into its
+    own copy of the accumulators (the first into them), summed at the end in a fixed order.
+    """
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        for item in items:
+            work(item, *accumulators)
+        return
+    copies = [accumulators, *(tuple(torch.zeros_like(a) for a in accumulators) for _ in range(threads - 1))]
+
+    def run(worker):
+        with torch.no_grad():  # grad mode is per thread; the op's own thread runs below autograd
+            for item in items[worker::threads]:
+                work(item, *copies[worker])
+
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1)  # read by each pool thread's first op, and by every op of this call's threads
+    try:
+        list(_pool(threads).map(run, range(threads)))
+    finally:
+        torch.set_num_threads(intra_op)
+    for copy in copies[1:]:
+        for total, part in zip(accumulators, copy):
+            total += part
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="globalattn")
