@@ -172,6 +172,44 @@ def test_many_chunks_give_the_same_result(case, monkeypatch):
     assert_max_error(chunked[0], case.oracle(q, k, v, key_mask).out, 1e-10, "out")
 
 
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [
+            SEED.replace(causal=True, L=9, mask="block", window=4),  # neighbouring tiles share keys
+            Case(B=2, Hq=4, Hkv=2, L=40, S=40, D=3, b=4, mask="random", top_blocks=2),
+            Case(B=1, Hq=2, Hkv=1, L=30, S=37, D=3, b=5, causal=True, top_blocks=1, window=3),
+        ]
+    ),
+)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_the_thread_count_does_not_change_the_result(case, dropout_p, monkeypatch):
+    """The torch backend spreads its chunks over torch's thread count, each thread adding into its
+    own gradients: one thread and three give the same values, gradients and dropout masks."""
+    q, k, v, key_mask = case.inputs(requires_grad=True)
+    upstream = torch.randn(case.B, case.Hq, case.L, case.Dv or case.D, dtype=torch.float64)
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)  # one tile per chunk: many chunks to spread
+    pools = []  # the premise: three threads ran the chunks
+    monkeypatch.setattr(blocked, "_pool", lambda threads, pool=blocked._pool: pools.append(threads) or pool(threads))
+
+    def forward_backward(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(0)
+            out = case.attend("torch", q, k, v, key_mask, dropout_p=dropout_p)
+            return (out, *grads_of(out, (q, k, v), upstream), torch.get_num_threads())
+        finally:
+            torch.set_num_threads(before)
+
+    *one, _ = forward_backward(1)
+    *three, threads_after = forward_backward(3)
+    assert threads_after == 3  # restored after the call
+    assert pools and set(pools) == {3}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), one, three):
+        assert_max_error(b, a, 1e-12, name)
+
+
 # -- dropout ----------------------------------------------------------------------------------------
 
 DROPOUT_CASES = [

@@ -8,16 +8,21 @@ flash-attention does), so that the extra memory of forward and backward alike is
 chunk, whatever S.
 
 A tile is a block's queries (those at or after the first query position) and the block's keys; in
-causal mode the upper triangle of each tile is masked, not skipped (splitting blocks into smaller
-causal tiles saved those FLOPs but lost more to smaller matmuls on the CPU).  With ``top_blocks``,
-every row also attends to the keys of the blocks it is routed to: the (row, block) pairs are grouped
-by block, as MoBA does, so that a block's keys are loaded once for all the rows that chose it and
-scored by one matmul (``_Routes``); that part has a softmax of its own, merged with the chunks'
-through the log-sum-exp.  With
-``window=w`` a tile's keys are the span of its rows' windows instead of its block (b + w - 1 keys
-causal).  Global tokens from outside the call (``extra_global_tokens``) are global columns ahead
-of the call's own.  Packed documents (``options.documents``) come as one row whose blocks are cut
-per document: a tile's keys and the global columns of its chunk stay within its documents.
+causal mode the upper triangle of each tile is masked, not skipped (splitting each block into 2 or
+4 causal tiles saves those FLOPs but was 8% and 30% slower here, 2026-12-02: smaller matmuls).
+With ``window=w`` a tile's keys are the span of its rows' windows instead of its block (b + w - 1
+keys causal).  Global tokens from outside the call (``extra_global_tokens``) are global columns
+ahead of the call's own.  Packed documents (``options.documents``) come as one row whose blocks are
+cut per document: a tile's keys and the global columns of its chunk stay within its documents.
+
+With ``top_blocks``, every row also attends to the keys of the blocks it is routed to.  The
+(row, block) pairs are grouped by block, as MoBA does, so that a block's keys are loaded once for
+the rows that chose it and scored by one matmul (``_Routes``); that part has a softmax of its own,
+merged with the chunks' through the log-sum-exp.
+
+The chunks (and routed tiles) are spread over torch's thread count, each thread running its share
+with one intra-op thread (``_for_each``): the matmuls are too small for a team of threads to pay
+for the synchronisation at every op, which stalls whenever another process holds a core.
 
 Inside a chunk the query rows are laid out (n, g, Qm): tile, query head in its group, row.  With
 that layout the grouped query heads of one key/value head share a single batched matmul, and the
@@ -259,10 +264,10 @@ def _forward_op(
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
         if routes is not None:
             routes.choose(tiles)
-        probs, chunk_lse = tiles.probabilities()
+        probs, total, chunk_lse = tiles.probabilities()
         if options.dropout_p > 0:
             probs.mul_(tiles.dropout_scale(probs.shape))
-        tiles.write_rows(out, tiles.weighted_values(probs))
+        tiles.write_rows(out, tiles.weighted_values(probs).div_(total))
         tiles.write_rows(lse[..., None], chunk_lse[..., None])
 
     _for_each(forward_chunk, options.chunks)
@@ -325,7 +330,7 @@ def _backward_op(
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
         if routes is not None:
             routes.choose(tiles)
-        probs, _ = tiles.probabilities(lse=tiles.gather_rows(lse[..., None])[..., 0])
+        probs = tiles.probabilities(lse=tiles.gather_rows(lse[..., None])[..., 0])
         tiles.zero_padding_rows_(probs)  # a padding slot repeats a real query: keep it out of dK, dV
         d_out = tiles.gather_rows(grad_out)  # (B, Hkv, n, g*Qm, Dv)
         # Softmax backward: dS = P * (dP - sum_j P_j dP_j + d_lse), and that sum equals <dO, O>.
@@ -373,7 +378,10 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 class _ChunkTiles:
     """One chunk's inputs gathered into padded tiles, in the compute dtype, and the tile math.
 
-    Score columns of a row: [its tile's keys (Km) | the global tokens (Gv)].
+    Score columns of a row: [its tile's keys (Km) | the global tokens (Gv)].  Each tile holds its
+    keys and the global tokens as one matrix (the tokens copied per tile, Gv x D, far fewer than
+    the tile's scores), so that one matmul scores both, one weighs both values, and nothing is
+    concatenated at the size of the scores.
     """
 
     def __init__(self, chunk: _Chunk, options: _Options, query, key, value, key_global, value_global):
@@ -388,13 +396,9 @@ class _ChunkTiles:
         # computed in log2 units (times log2 e) for exp2, which runs several times faster than exp
         # here, and far faster on the masked -inf cells; gradients use the natural scale.
         self.scaled_query = self.gather_rows(query) * options.scale  # (B, Hkv, n, g*Qm, D)
-        self.query_log2 = self.scaled_query * LOG2_E
-        self.key = self._gather_keys(key)  # (B, Hkv, n, Km, D)
-        self.value = self._gather_keys(value)  # (B, Hkv, n, Km, Dv)
-        self.key_global = key_global[:, :, chunk.global_cols].to(self.dtype)  # (B, Hkv, Gv, D)
-        self.value_global = value_global[:, :, chunk.global_cols].to(self.dtype)  # (B, Hkv, Gv, Dv)
-        self.global_scores = self._rows_times(self.key_global.transpose(-1, -2))  # (B, Hkv, n, g*Qm, Gv)
-        self.g_width = self.key_global.shape[2]
+        self.key = self._with_global_tokens(key, key_global)  # (B, Hkv, n, Km + Gv, D)
+        self.value = self._with_global_tokens(value, value_global)  # (B, Hkv, n, Km + Gv, Dv)
+        self.scores = (self.scaled_query * LOG2_E) @ self.key.transpose(-1, -2)  # (B, Hkv, n, g*Qm, Km + Gv)
 
     # -- layout -------------------------------------------------------------------------------
     def gather_rows(self, x):
@@ -413,11 +417,14 @@ class _ChunkTiles:
         else:
             target.index_copy_(2, self.chunk.real_rows, rows[:, :, self.chunk.query_real.flatten()])
 
-    def _gather_keys(self, x):
-        """(B, Hkv, S, E) -> (B, Hkv, n, Km, E): each tile's keys, padded to the longest."""
+    def _with_global_tokens(self, x, x_global):
+        """(B, Hkv, S, E), (B, Hkv, T + G, E) -> (B, Hkv, n, Km + Gv, E): each tile's keys, padded
+        to the longest, then the global tokens its chunk may see."""
         span = self.chunk.key_span
         keys = x[:, :, span] if span else x.index_select(2, self.chunk.key_pos.flatten())
-        return keys.to(self.dtype).view(self.batch, self.kv_heads, self.n, self.k_width, -1)
+        keys = keys.view(self.batch, self.kv_heads, self.n, self.k_width, -1)
+        tokens = x_global[:, :, None, self.chunk.global_cols].expand(-1, -1, self.n, -1, -1)
+        return torch.cat([keys, tokens], dim=3).to(self.dtype)
 
     def _add_keys(self, target, keys):
         """target[:, :, pos] += the real keys of ``keys`` (B, Hkv, n, Km, E), target (B, Hkv, S, E)."""
@@ -427,19 +434,17 @@ class _ChunkTiles:
         else:
             target.index_add_(2, self.chunk.real_keys, keys[:, :, self.chunk.key_real.flatten()])
 
-    def _rows_times(self, matrix):
-        """All rows of the chunk (B, Hkv, n, g*Qm, E) times a (B, Hkv, E, F) matrix, as one matmul."""
-        return (self.query_log2.flatten(2, 3) @ matrix).unflatten(2, (self.n, -1))
-
     def zero_padding_rows_(self, x):
         """Set the rows of padding slots of x (B, Hkv, n, g*Qm, E) to zero, in place."""
         if self.chunk.has_padding_rows:
             tile = x.view(*x.shape[:3], self.group, self.q_width, x.shape[-1])
             tile.mul_(self.chunk.query_real[:, None, :, None])  # (n, 1, Qm, 1)
 
-    def _split(self, x):
-        """Columns [local keys | global tokens] of a score-shaped tile."""
-        return x[..., : self.k_width], x[..., self.k_width :]
+    def _add_key_and_global_grads(self, grad, grad_global, per_column):
+        """Adds per_column (B, Hkv, n, Km + Gv, E), each tile's gradient of its keys and of the
+        global tokens, to grad (B, Hkv, S, E) and, summed over the tiles, to grad_global."""
+        self._add_keys(grad, per_column[:, :, :, : self.k_width])
+        grad_global[:, :, self.chunk.global_cols] += per_column[:, :, :, self.k_width :].sum(2)
 
     # -- who sees what ------------------------------------------------------------------------
     def _local_seen(self):
@@ -479,58 +484,50 @@ class _ChunkTiles:
         indices count from 0 (routing is never used with extra tokens).
         """
         candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B, 1, n, 1, 1, Gv)
-        scores = self.global_scores.view(*self.global_scores.shape[:3], self.group, self.q_width, -1)
+        global_scores = self.scores[..., self.k_width :]
+        scores = global_scores.view(*global_scores.shape[:3], self.group, self.q_width, -1)
         blocks, chosen = spec.select_top_blocks(scores, candidate, self.options.top_blocks)  # (B, Hkv, n, g, Qm, k)
         shape = (*blocks.shape[:3], self.group * self.q_width, -1)
         return (blocks + self.chunk.global_cols.start).reshape(shape), chosen.reshape(shape)
 
     # -- math ---------------------------------------------------------------------------------
     def probabilities(self, lse=None):
-        """Softmax weights over every column (B, Hkv, n, g*Qm, C), and each row's lse.
+        """exp of the scores over every column (B, Hkv, n, g*Qm, C), in place of the scores.
 
-        Given ``lse`` (backward), the weights are recomputed from it instead of renormalised.
-        The score tile is large: every step below works on it in place.
+        Given ``lse`` (backward), the softmax weights.  Without (forward): the weights times each
+        row's sum, that sum (B, Hkv, n, g*Qm, 1) and the row's lse; the forward divides its output
+        rows by the sum instead of every weight.  Routing reads the scores before this masks them.
         """
-        local = self.query_log2 @ self.key.transpose(-1, -2)  # (B, Hkv, n, g*Qm, Km), log2 units
-        self._hide_unseen_(local, self._local_seen())
-        glob = self.global_scores  # masked in place: routing, the only other reader, chose before
-        self._hide_unseen_(glob, self._global_seen())
-        scores = torch.cat([local, glob], dim=-1)
+        scores = self.scores
+        self._hide_unseen_(scores[..., : self.k_width], self._local_seen())
+        self._hide_unseen_(scores[..., self.k_width :], self._global_seen())
         if lse is not None:
-            return scores.sub_(spec.finite_or_zero(lse)[..., None] * LOG2_E).exp2_(), None
+            return scores.sub_(spec.finite_or_zero(lse)[..., None] * LOG2_E).exp2_()
         row_max = spec.finite_or_zero(scores.amax(-1, keepdim=True))
         probs = scores.sub_(row_max).exp2_()
         total = probs.sum(-1, keepdim=True)
         chunk_lse = (row_max + torch.log2(total))[..., 0] * LN_2  # natural log, as the contract's lse
-        return probs.mul_(torch.where(total > 0, total, 1.0).reciprocal_()), chunk_lse
+        return probs, torch.where(total > 0, total, 1.0), chunk_lse
 
     def dropout_scale(self, shape):
         """The chunk's dropout mask divided by the keep probability; the same draw in backward."""
         return _dropout_scale(self.options, self.chunk.index, shape, self.key.device, self.dtype)
 
     def weighted_values(self, weights):
-        local, glob = self._split(weights)
-        return local @ self.value + (glob.flatten(2, 3) @ self.value_global).unflatten(2, (self.n, -1))
+        return weights @ self.value
 
     def value_products(self, d_out):
         """dO times every column's value: (B, Hkv, n, g*Qm, C)."""
-        glob = (d_out.flatten(2, 3) @ self.value_global.transpose(-1, -2)).unflatten(2, (self.n, -1))
-        return torch.cat([d_out @ self.value.transpose(-1, -2), glob], dim=-1)
+        return d_out @ self.value.transpose(-1, -2)
 
     def add_key_grads(self, d_scores, grad_key, grad_key_global):
         """Backward through scores = (scale Q) [K ; Kg]^T: adds dK and dKg; returns dQ rows."""
-        local, glob = self._split(d_scores)
-        glob_flat = glob.flatten(2, 3)
-        d_query = local @ self.key + (glob_flat @ self.key_global).unflatten(2, (self.n, -1))
-        self._add_keys(grad_key, local.transpose(-1, -2) @ self.scaled_query)
-        grad_key_global[:, :, self.chunk.global_cols] += glob_flat.transpose(-1, -2) @ self.scaled_query.flatten(2, 3)
-        return d_query.mul_(self.options.scale)
+        self._add_key_and_global_grads(grad_key, grad_key_global, d_scores.transpose(-1, -2) @ self.scaled_query)
+        return (d_scores @ self.key).mul_(self.options.scale)
 
     def add_value_grads(self, weights, d_out, grad_value, grad_value_global):
         """Backward through out = weights [V ; Vg]: adds dV and dVg."""
-        local, glob = self._split(weights)
-        self._add_keys(grad_value, local.transpose(-1, -2) @ d_out)
-        grad_value_global[:, :, self.chunk.global_cols] += glob.flatten(2, 3).transpose(-1, -2) @ d_out.flatten(2, 3)
+        self._add_key_and_global_grads(grad_value, grad_value_global, weights.transpose(-1, -2) @ d_out)
 
 
 def _dropout_scale(options, index, shape, device, dtype):
