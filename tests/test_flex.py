@@ -299,7 +299,9 @@ def test_compiled_cpu_kernel_follows_the_tiles():
     """torch's compiled CPU kernel (inference only: no lse, no backward) reads only the tiles the
     BlockMask lists, and full ones without the mask_mod, as the CUDA kernels do: with our tiles it
     computes the oracle's result, and without one of them it does not."""
-    case, tile = COMPILED_CPU_CASE, 8
+    # 16: with 8-wide tiles the compiled kernel is wrong on a CPU without AVX-512 whatever the mask
+    # (torch 2.13 on an AMD EPYC: off by 1.8 on a plain causal mask; 16 and up are exact there).
+    case, tile = COMPILED_CPU_CASE, 16
     q, k, v, key_mask = case.inputs(torch.float32)
     plan, block_mask = plan_for(case, key_mask, tile)
     assert block_mask.full_kv_num_blocks.sum() > 0 and block_mask.kv_num_blocks.sum() > 0
