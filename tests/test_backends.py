@@ -8,6 +8,8 @@ PyTorch at the input's precision (``conftest.dense_attention`` at that dtype), p
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ from conftest import (
     dense_attention,
     grads_of,
 )
-from globalattn import attention_weights
+from globalattn import attention_weights, global_attention
 
 BACKENDS = ["reference", "torch", "auto", "flex", "triton"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -208,6 +210,30 @@ def test_the_thread_count_does_not_change_the_result(case, dropout_p, monkeypatc
     assert pools and set(pools) == {3}
     for name, a, b in zip(("out", "dq", "dk", "dv"), one, three):
         assert_max_error(b, a, 1e-12, name)
+
+
+def _attend_in_many_chunks():
+    blocked.CHUNK_ELEMENTS = 1  # (in the child: the parent's value is the test's to restore)
+    q = torch.randn(1, 2, 64, 8)
+    global_attention(q, q, q, 4, backend="torch")
+
+
+def test_a_forked_child_runs_the_chunks_on_threads_of_its_own(monkeypatch):
+    """A fork inherits the parent's thread pools without their threads (a DataLoader worker):
+    the child must not wait forever for them."""
+    monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the premise: the parent has a pool of two threads
+    try:
+        _attend_in_many_chunks()
+        child = multiprocessing.get_context("fork").Process(target=_attend_in_many_chunks)
+        child.start()
+        child.join(60)
+        hung = child.is_alive()
+        child.kill()
+    finally:
+        torch.set_num_threads(before)
+    assert not hung and child.exitcode == 0
 
 
 # -- dropout ----------------------------------------------------------------------------------------

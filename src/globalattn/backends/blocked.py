@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -258,7 +259,7 @@ def _forward_op(
     routes = _Routes(options, query, key) if options.top_blocks else None
     # Every row is written by the one tile that holds it; with routing it is merged with the
     # routed part afterwards, so it is held in the compute dtype until then.
-    out, lse = _empty_outputs(query, value, query.dtype if routes is None else lse_dtype(query))
+    out, lse = _empty_outputs(query, value, query.dtype if routes is None else _compute_dtype(query))
 
     def forward_chunk(chunk):
         tiles = _ChunkTiles(chunk, options, query, key, value, key_global, value_global)
@@ -281,8 +282,8 @@ def _(query, key, value, *rest):
     return _empty_outputs(query, value, query.dtype)
 
 
-def lse_dtype(query) -> torch.dtype:
-    """The compute dtype: float32 or better."""
+def _compute_dtype(query) -> torch.dtype:
+    """The dtype of the tile math, the lse and the gradients' sums: float32 or better."""
     return torch.promote_types(query.dtype, torch.float32)
 
 
@@ -290,7 +291,7 @@ def _empty_outputs(query, value, out_dtype):
     """out (B, Hq, L, Dv) in ``out_dtype`` and lse (B, Hq, L) in float32 or better, unfilled."""
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1], dtype=out_dtype)
-    return out, query.new_empty(batch, q_heads, q_len, dtype=lse_dtype(query))
+    return out, query.new_empty(batch, q_heads, q_len, dtype=_compute_dtype(query))
 
 
 @torch.library.custom_op("globalattn::blocked_backward", mutates_args=())
@@ -322,7 +323,7 @@ def _backward_op(
                     scale, top_blocks, dropout_p, num_extra, window)  # fmt: skip
     inputs = (query, key, value, key_global, value_global)
     # Contiguous, whatever the inputs' layout: the routed part adds to them through flat views.
-    grads = [x.new_zeros(x.shape, dtype=lse_dtype(x)) for x in inputs]
+    grads = [x.new_zeros(x.shape, dtype=_compute_dtype(x)) for x in inputs]
     grad_query, grad_key, grad_value, grad_key_global, grad_value_global = grads
     routes = _Routes(options, query, key) if options.top_blocks else None
 
@@ -391,7 +392,7 @@ class _ChunkTiles:
         self.group = self.q_heads // self.kv_heads
         self.n, self.q_width = chunk.query_rows.shape
         self.k_width = chunk.key_pos.shape[1]
-        self.dtype = torch.promote_types(query.dtype, torch.float32)
+        self.dtype = _compute_dtype(query)
         # The scale is applied to the queries, which are far fewer than the scores.  Scores are
         # computed in log2 units (times log2 e) for exp2, which runs several times faster than exp
         # here, and far faster on the masked -inf cells; gradients use the natural scale.
@@ -558,7 +559,7 @@ class _Routes:
         self.options = options
         self.batch, self.q_heads, self.q_len, _ = query.shape
         self.kv_heads, self.seq_len = key.shape[1], key.shape[2]
-        self.dtype = lse_dtype(query)
+        self.dtype = _compute_dtype(query)
         self.longest = int((options.block_ends - options.block_starts).max())
         shape = (self.batch, self.q_heads, self.q_len, min(options.top_blocks, options.block_starts.numel()))
         self.blocks = query.new_zeros(shape, dtype=torch.long)
@@ -737,7 +738,8 @@ def _for_each(work, items, *accumulators) -> None:
     core (measured: 3.6x slower, against 1.6x for independent threads).  Each thread adds into its
     own copy of the accumulators (the first into them), summed at the end in a fixed order.
     """
-    threads = min(torch.get_num_threads(), len(items))
+    intra_op = torch.get_num_threads()
+    threads = min(intra_op, len(items))
     if threads <= 1:
         for item in items:
             work(item, *accumulators)
@@ -749,7 +751,6 @@ def _for_each(work, items, *accumulators) -> None:
             for item in items[worker::threads]:
                 work(item, *copies[worker])
 
-    intra_op = torch.get_num_threads()
     torch.set_num_threads(1)  # read by each pool thread's first op, and by every op of this call's threads
     try:
         list(_pool(threads).map(run, range(threads)))
@@ -763,3 +764,8 @@ def _for_each(work, items, *accumulators) -> None:
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="globalattn")
+
+
+# A forked child (a DataLoader worker, say) inherits the pools but not their threads: a task sent
+# to one would never run.  The child starts its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
