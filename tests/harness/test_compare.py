@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from globalattn.cli import main
+from globalattn.harness.attention import resolved_block_size
 from globalattn.harness.compare import compare
 from globalattn.harness.config import ATTENTIONS, top_blocks_of
 from globalattn.harness.presets import PRESETS, ROUTING_ATTENTIONS, Preset
@@ -212,3 +213,68 @@ def test_tables_break_mqar_and_passkey_down_by_group():
     assert "| mqar | 256 | [T/2, 3T/4) | **0.200** | 0.000 |" in table
     assert "| passkey | 256 | 1 | **1.000** |" in table and "| passkey | 256 | 5 | **0.000** |" in table
     assert "## MQAR accuracy by where the key sits" not in table  # no run holds accuracy_by_block
+
+
+def test_runs_side_by_side_in_processes_give_the_same_results(tmp_path):
+    threads = torch.get_num_threads()
+    try:  # the same single intra-op thread in this process as in the workers: the same sums
+        one = compare(TINY, tmp_path / "one", threads=1, progress=False, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    logged = []
+    two = compare(TINY, tmp_path / "two", jobs=2, threads=1, progress=False, log=logged.append)
+
+    def outcomes(report):
+        return [
+            (r["task"], r["attention"], r["status"], [h["metric"] for h in r.get("history", [])])
+            for r in report["runs"]
+        ]
+
+    assert outcomes(two) == outcomes(one) and len(outcomes(one)[0][3]) == 2
+    assert len(logged) == 3 and (tmp_path / "two" / "results.md").exists()
+    assert torch.get_num_threads() == threads  # the workers' thread count stayed in the workers
+
+
+def test_the_equal_time_table_takes_each_run_at_the_fastest_attentions_time():
+    def timed(attention, seconds_and_metrics, seed=0):
+        result = run("mqar", attention, seconds_and_metrics[-1][1], seed=seed)
+        result["history"] = [
+            {"step": i, "train_seconds": t, "metric": m} for i, (t, m) in enumerate(seconds_and_metrics)
+        ]
+        result["train_seconds"] = seconds_and_metrics[-1][0]
+        return result
+
+    results = [
+        timed("global", [(10.0, 0.2), (20.0, 0.4)]),
+        timed("global", [(11.0, 0.3), (22.0, 0.5)], seed=1),  # the fastest attention's slowest seed: 22 s
+        timed("dense", [(15.0, 0.6), (30.0, 0.9), (45.0, 1.0)]),
+        timed("dense", [(16.0, 0.7), (32.0, 0.8), (48.0, 1.0)], seed=1),
+        timed("local", [(30.0, 0.1)]),  # no evaluation within 22 s: blank
+    ]
+    table = results_markdown(results)
+    section = table.split("## Validation metric at equal training time")[1].split("##")[0]
+    assert "| mqar | accuracy | 256 | 0.450 ± 0.071 | **0.650 ± 0.071** |  |" in section
+    assert "| mqar | accuracy | 256 | 0.450 ± 0.071 | **1.000 ± 0.000** | 0.100 |" in table  # the final metrics
+
+
+def test_cpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
+    preset = PRESETS["cpu-recall"]
+    runs = preset.runs()
+    assert {r.model.attention for r in runs} == set(ROUTING_ATTENTIONS) and {r.seed for r in runs} == {0, 1, 2}
+    assert {(r.task, r.model.context) for r in runs} == {
+        ("mqar", 128),
+        ("mqar", 256),
+        ("passkey", 256),
+        ("passkey", 512),
+    }
+    assert all(r.lr == 1e-3 and r.schedule == "constant" for r in runs)  # the recall tasks' recipe
+    max_route = max(top_blocks_of(r.model.attention) for r in runs)
+    for config in (r for r in runs if r.task == "mqar" and r.model.attention == "global" and r.seed == 0):
+        model = config.model.for_task(make_task("mqar", config.model.context))
+        block = resolved_block_size(model)
+        task = make_task("mqar", config.model.context, seed=int(torch.randint(1000, ())), **config.task_options)
+        batch = task.batch("val", 0, 32)
+        blocks_of_keys = set()
+        for tokens, targets in zip(batch["tokens"].tolist(), batch["targets"].tolist()):
+            blocks_of_keys |= {tokens.index(tokens[i]) // block for i, t in enumerate(targets) if t != IGNORE}
+        assert len(blocks_of_keys) > max_route, (config.model.context, block, blocks_of_keys)

@@ -47,7 +47,8 @@ def random_mqar_options() -> dict[str, int]:
 def test_mqar_answers_are_the_stored_values(sized):
     options = random_mqar_options() if sized else {}
     task = make_task("mqar", 256, seed=int(torch.randint(1000, ())), **options)
-    assert task.describe() == {"num_pairs": 16, "vocab_size": 256, **options}  # what the harness records
+    pairs = options.get("num_pairs", 16)  # by default the pairs come first, packed (Zoology's layout)
+    assert task.describe() == {"num_pairs": 16, "vocab_size": 256, **options, "key_span": 2 * pairs}  # recorded
     batch = task.batch("train", 0, 8)
     pairs, half = task.num_pairs, task.vocab_size // 2
     assert int(batch["tokens"].max()) < task.vocab_size
@@ -81,18 +82,46 @@ def test_task_options_are_constructor_keywords_that_describe_records(name):
 @pytest.mark.parametrize(
     "context,options,message",
     [
-        (256, {"num_pair": 3}, "task mqar has no option 'num_pair': it takes num_pairs, vocab_size"),
+        (256, {"num_pair": 3}, "task mqar has no option 'num_pair': it takes num_pairs, vocab_size, key_span"),
         (256, {"num_pairs": 0}, "mqar option num_pairs must be a positive int, got 0"),
         (256, {"num_pairs": True}, "mqar option num_pairs must be a positive int, got True"),
         (256, {"vocab_size": "512"}, "mqar option vocab_size must be a positive int, got '512'"),
         (256, {"vocab_size": -4}, "mqar option vocab_size must be a positive int, got -4"),
         (256, {"num_pairs": 16, "vocab_size": 33}, r"vocab_size >= 2 \* \(num_pairs \+ 1\) = 34, got 33"),
         (256, {"num_pairs": 65}, r"at least 4 \* num_pairs = 260, got 256"),
+        (256, {"num_pairs": 8, "key_span": 15}, r"key_span must be even, from 2 \* num_pairs = 16 to .* = 240"),
+        (256, {"num_pairs": 8, "key_span": 14}, "key_span must be even, .* got 14"),
+        (256, {"num_pairs": 8, "key_span": 242}, "key_span .* got 242"),
+        (256, {"key_span": 0}, "mqar option key_span must be a positive int, got 0"),
     ],
 )
 def test_mqar_refuses_bad_options_by_name(context, options, message):
     with pytest.raises(ValueError, match=message):
         make_task("mqar", context, **options)
+
+
+def test_mqar_key_span_spreads_the_pairs_over_its_blocks():
+    pairs = int(torch.randint(4, 17, ()))
+    span = 2 * int(torch.randint(4 * pairs, 6 * pairs, ()))  # room for 2-3x the pairs
+    task = make_task("mqar", 512, seed=int(torch.randint(1000, ())), num_pairs=pairs, vocab_size=256, key_span=span)
+    assert task.describe()["key_span"] == span
+    batch = task.batch("train", 0, 16)
+    blocks, predicted = set(), batch["targets"].clone()
+    right = {"own": [], "earlier": []}  # per query, by where its key sits: found independently of breakdown()
+    for row, (tokens, targets) in enumerate(zip(batch["tokens"].tolist(), batch["targets"].tolist())):
+        keys = [t for t in tokens[:span] if 1 <= t < 128]
+        scored = [i for i, t in enumerate(targets) if t != IGNORE]
+        assert len(keys) == pairs == len(scored) and min(scored) >= span
+        predicted[row, scored[0]] = 0  # wrong at the first query of each row
+        for i in scored:  # the key sits once, at an even position of the span, its value right after it
+            at = tokens.index(tokens[i])
+            assert at % 2 == 0 and at < span and tokens.count(tokens[i]) == 2 and targets[i] == tokens[at + 1]
+            blocks.add(at // 16)
+            right["own" if at // 16 == i // 16 else "earlier"].append(i != scored[0])
+    assert len(blocks) > span // 32, "the pairs fill more than half of the span's blocks of 16"
+    by_block = task.breakdown(batch, predicted, block_size=16)["accuracy_by_block"]
+    for group, found in right.items():
+        assert by_block[group] == (pytest.approx(sum(found) / len(found)) if found else None)
 
 
 def test_mqar_gaps_favour_short_distances():

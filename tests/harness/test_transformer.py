@@ -93,6 +93,28 @@ def test_every_variant_has_the_same_parameters():
     assert not any("head" in n for n, _ in lm.named_parameters()), "the LM output is tied to the embedding"
 
 
+def test_an_untied_head_is_a_parameter_of_its_own():
+    config = ModelConfig(context=32, attention="dense", vocab_size=20, causal=True, d_model=32, n_head=2)
+    tied, untied = DecoderLM(config), DecoderLM(config.replace(untied_head=True))
+    assert [n for n, _ in untied.named_parameters()] == [n for n, _ in tied.named_parameters()] + ["head.weight"]
+    tokens = torch.randint(20, (2, 32))
+    features = untied.transformer(tokens)
+    torch.testing.assert_close(untied(tokens), features @ untied.head.weight.T)
+    assert not torch.allclose(untied(tokens), features @ untied.transformer.embed.weight.T)
+    untied(tokens).sum().backward()
+    assert untied.head.weight.grad.abs().sum() > 0
+
+
+def test_embed_std_scales_the_embedding_only():
+    std = float(torch.empty(()).uniform_(0.1, 1.0))
+    config = ModelConfig(context=32, attention="dense", vocab_size=512, causal=True, d_model=64, n_head=2)
+    model = DecoderLM(config.replace(embed_std=std))
+    assert float(model.transformer.embed.weight.std()) == pytest.approx(std, rel=0.05)
+    assert float(model.transformer.blocks[0].attn.qkv.weight.std()) == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="embed_std must be a positive number"):
+        config.replace(embed_std=0.0)
+
+
 def test_encoder_pools_real_tokens_only():
     config = ModelConfig(
         context=32, attention="global", vocab_size=20, causal=False, num_classes=10, d_model=32, n_head=2

@@ -78,6 +78,12 @@ class ModelConfig:
     n_layer: int = option("transformer blocks", default=2, flag="--layers", metavar="N")
     n_head: int = option("attention heads", default=4, flag="--heads", metavar="N")
     d_model: int = option("width", default=128)
+    untied_head: bool = option(
+        "language models: an output head of its own instead of the embedding's transpose", default=False
+    )
+    embed_std: float = option(
+        "standard deviation of the embedding's initial weights (the linear layers keep 0.02)", default=0.02
+    )
     dropout: float = 0.0
     rope_base: float = 10000.0
     vocab_size: int | None = None
@@ -95,6 +101,8 @@ class ModelConfig:
                 checks.positive_int(name, getattr(self, name))
         if self.causal is not None:
             checks.boolean("causal", self.causal)
+        checks.boolean("untied_head", self.untied_head)
+        checks.positive_number("embed_std", self.embed_std)
         checks.probability("dropout", self.dropout)
         checks.positive_number("rope_base", self.rope_base)
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:

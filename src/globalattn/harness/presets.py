@@ -36,12 +36,14 @@ class Preset:
     tokens_per_step: int  # batch = tokens_per_step // context: every context sees the same tokens
     model: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields: d_model, n_layer, ...
     options: dict = dataclasses.field(default_factory=dict)  # more TrainConfig fields: precision, ...
-    lr: float = 3e-3
+    lr: float | None = None  # None: each task's own (config.TASK_LR)
     eval_every: int = 50
     eval_examples: int = 64
     per_task: dict[str, dict] = dataclasses.field(default_factory=dict)  # task -> fields that differ for it
     # the task's own options (TrainConfig.task_options); each task takes its own, so give them in per_task
     task_options: dict[str, int] = dataclasses.field(default_factory=dict)
+    # options that differ by context, over task_options: {context: {option: value}} (MQAR's pairs grow with T)
+    task_options_by_context: dict[int, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def for_task(self, task: str) -> Preset:
         return dataclasses.replace(self, **self.per_task.get(task, {}), per_task={})
@@ -93,7 +95,7 @@ class Preset:
                                 lr=plan.lr,
                                 eval_every=plan.eval_every,
                                 eval_examples=plan.eval_examples,
-                                task_options=plan.task_options,
+                                task_options={**plan.task_options, **plan.task_options_by_context.get(context, {})},
                                 **plan.options,
                             )
                         )
@@ -145,6 +147,27 @@ PRESETS = {
             "listops": dict(eval_examples=256),
         },
     ),
+    # Recall on these machines (issue 17): MQAR's pairs spread over the first half of the context (4 and
+    # 8 blocks of the default b = 16), passkey's needle anywhere; the recipe of docs/training.md
+    "cpu-recall": Preset(
+        tasks=("mqar", "passkey"),
+        contexts=(128, 256),
+        attentions=ROUTING_ATTENTIONS,
+        seeds=(0, 1, 2),
+        steps=3000,
+        tokens_per_step=4096,  # batch 32 at T = 128
+        model=dict(d_model=64, n_layer=2, n_head=4),
+        options=dict(schedule="constant"),
+        eval_every=250,
+        eval_examples=256,
+        per_task={
+            "mqar": dict(
+                task_options=dict(vocab_size=64),
+                task_options_by_context={128: dict(num_pairs=8, key_span=64), 256: dict(num_pairs=16, key_span=128)},
+            ),
+            "passkey": dict(contexts=(256, 512)),
+        },
+    ),
     # Recall through the routing: MQAR's 128 pairs fill 8 of the 16 blocks of b = 32, more than any
     # k <= 4 routes to; why b = 32 and not a smaller b with fewer pairs: docs/training.md.
     "gpu-recall": Preset(
@@ -155,7 +178,6 @@ PRESETS = {
         steps=2000,
         tokens_per_step=32768,  # batch 64
         model=dict(d_model=128, n_layer=2, n_head=4, block_size=32),
-        lr=3e-3,
         eval_every=250,
         eval_examples=128,
         per_task={"mqar": dict(task_options=dict(num_pairs=128, vocab_size=512))},  # vocab >= 2 * (pairs + 1)

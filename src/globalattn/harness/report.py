@@ -48,6 +48,14 @@ def results_markdown(results: list[dict]) -> str:
             True,
         ),
         (
+            "Validation metric at equal training time",
+            "Each run's last evaluation within the training time of the row's fastest attention (its slowest "
+            "seed; the time table below); blank: no evaluation that early.",
+            _at_equal_time(results),
+            "{:.3f}",
+            True,
+        ),
+        (
             "Training time (s)",
             "Seconds of training steps, evaluation excluded.",
             lambda r: r["train_seconds"],
@@ -92,6 +100,26 @@ def _grid_table(results: list[dict], value, fmt: str, is_metric: bool) -> list[s
     return lines
 
 
+def _at_equal_time(results: list[dict]):
+    """The value of a run for the equal-time table: its validation metric at its last evaluation
+    within its row's budget, the training time of the fastest attention of that task and context
+    (of its slowest seed, so that the fastest attention's final evaluations all count)."""
+    seconds = {}
+    for r in results:
+        if r["status"] == "ok":
+            seconds.setdefault((r["task"], r["context"], r["attention"]), []).append(r["train_seconds"])
+    budgets = {}
+    for (task, context, _), times in seconds.items():
+        budgets[task, context] = min(budgets.get((task, context), max(times)), max(times))
+
+    def value(run: dict) -> float | None:
+        budget = budgets[run["task"], run["context"]]
+        within = [h["metric"] for h in run["history"] if h["train_seconds"] <= budget]
+        return within[-1] if within else None
+
+    return value
+
+
 def _breakdown_table(results: list[dict], key: str) -> list[str]:
     """A row per task, context and group of breakdown ``key`` (a dict of group -> accuracy, or a
     list: groups 1, 2, ...), a column per attention; no lines when no run's final evaluation holds it."""
@@ -134,7 +162,9 @@ def _cell(results, task, context, attention, value=lambda r: r["final"]["metric"
     failed = [r["status"] for r in runs if r["status"] != "ok"]
     if failed:
         return failed[0]
-    values = [value(r) for r in runs]
+    values = [v for v in map(value, runs) if v is not None]  # None: no value for this run
+    if not values:
+        return None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 

@@ -1,7 +1,7 @@
 """A small pre-norm transformer whose attention is chosen by name (see ``attention.py``).
 
     config = ModelConfig(context=512, attention="global", vocab_size=256, causal=True)
-    lm = DecoderLM(config)                      # next-token logits (B, T, vocab), tied embeddings
+    lm = DecoderLM(config)                      # next-token logits (B, T, vocab), head tied to the embedding
     clf = EncoderClassifier(config.replace(causal=False, num_classes=10))   # (B, num_classes)
 
 Every variant has exactly the same parameters: the attention functions have none of their own.
@@ -128,15 +128,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.d_model)
         self.position_offset = 0  # context parallel: the first position of this rank's shard
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "down.weight")):  # residual outputs: GPT-2's 1/sqrt(2 * layers)
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
+        init_weights(self, config)
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``document_ids`` (B, T), non-decreasing along T: packed documents, RoPE positions counted
@@ -154,8 +146,19 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """GPT-2's: normal std 0.02 (the embedding ``config.embed_std``), residual outputs 0.02 / sqrt(2 * layers)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=config.embed_std)
+        elif isinstance(module, nn.Linear):
+            residual = name.endswith(("proj", "down"))
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02)
+
+
 class DecoderLM(nn.Module):
-    """Causal language model: logits for the next token at every position, output tied to the embedding."""
+    """Causal language model: logits for the next token at every position, from the embedding's
+    transpose (tied) or, with ``config.untied_head``, from a head of its own."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -163,10 +166,15 @@ class DecoderLM(nn.Module):
             raise ValueError("DecoderLM needs a causal config (causal=True)")
         self.config = config
         self.transformer = Transformer(config)
+        self.head = None
+        if config.untied_head:
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, vocab); ``document_ids`` as ``Transformer.forward``'s."""
-        return self.transformer(tokens, document_ids) @ self.transformer.embed.weight.T
+        features = self.transformer(tokens, document_ids)
+        return self.head(features) if self.head is not None else features @ self.transformer.embed.weight.T
 
 
 class EncoderClassifier(nn.Module):

@@ -3,7 +3,9 @@
 A sequence starts with P key-value pairs ``k1 v1 k2 v2 ...`` (keys from the lower half of the
 vocabulary, values from the upper half, each drawn without replacement), then holds P queries, each
 a key seen before, at gaps drawn from a power law (small gaps likelier), with random tokens
-everywhere else.  At a query key the target is its value; nothing else is scored.  The metric is
+everywhere else.  With ``key_span`` S > 2P the pairs sit at random even positions of the first S
+tokens instead of the first 2P, so that they fill several blocks, not block 0 alone; the queries
+follow the span.  At a query key the target is its value; nothing else is scored.  The metric is
 the fraction of queries answered (teacher-forced argmax); ``breakdown`` splits it by the query's gap
 to its key (quarters of the context: near keys against far ones) and by whether the key sits in the
 query's own block of the model's block size (a block ``global`` and ``local`` see raw) or an earlier one.
@@ -28,9 +30,18 @@ BLOCKS = ("own", "earlier")  # accuracy_by_block's: the key in the query's block
 
 class MQAR(Task):
     name = "mqar"
-    options = ("num_pairs", "vocab_size")
+    options = ("num_pairs", "vocab_size", "key_span")
 
-    def __init__(self, context: int, seed: int = 0, *, vocab_size: int = 256, num_pairs: int = 16, power_a=0.01):
+    def __init__(
+        self,
+        context: int,
+        seed: int = 0,
+        *,
+        vocab_size: int = 256,
+        num_pairs: int = 16,
+        key_span: int | None = None,
+        power_a=0.01,
+    ):
         super().__init__(context, seed)
         checks.positive_int("mqar option num_pairs", num_pairs)
         checks.positive_int("mqar option vocab_size", vocab_size)
@@ -38,8 +49,15 @@ class MQAR(Task):
             raise ValueError(f"mqar needs an even context of at least 4 * num_pairs = {4 * num_pairs}, got {context}")
         if vocab_size // 2 - 1 < num_pairs:
             raise ValueError(f"mqar needs vocab_size >= 2 * (num_pairs + 1) = {2 * num_pairs + 2}, got {vocab_size}")
-        self.vocab_size, self.num_pairs = vocab_size, num_pairs
-        space = (context - 2 * num_pairs) // 2  # query slots: every other position after the pairs
+        key_span = 2 * num_pairs if key_span is None else key_span
+        checks.positive_int("mqar option key_span", key_span)
+        if key_span % 2 or not 2 * num_pairs <= key_span <= context - 2 * num_pairs:
+            raise ValueError(
+                f"mqar option key_span must be even, from 2 * num_pairs = {2 * num_pairs} to context - 2 * num_pairs "
+                f"= {context - 2 * num_pairs} (room for the queries), got {key_span}"
+            )
+        self.vocab_size, self.num_pairs, self.key_span = vocab_size, num_pairs, key_span
+        space = (context - key_span) // 2  # query slots: every other position after the pairs' span
         gaps = torch.arange(1, space + 1, dtype=torch.float64)
         self.gap_weights = power_a * gaps ** (power_a - 1)  # Zoology's power law over the slot index
 
@@ -50,8 +68,13 @@ class MQAR(Task):
         values = torch.stack([torch.randperm(half, generator=rng)[:pairs] + half for _ in range(size)])
         slots = torch.stack([torch.multinomial(self.gap_weights, pairs, generator=rng) for _ in range(size)])
         tokens = torch.randint(half, self.vocab_size, (size, self.context), generator=rng)  # filler: values only
-        tokens[:, 0 : 2 * pairs : 2], tokens[:, 1 : 2 * pairs : 2] = keys, values
-        query_pos = 2 * pairs + 2 * slots  # (B, P)
+        if self.key_span == 2 * pairs:  # Zoology's layout: the pairs first, in order
+            key_pos = torch.arange(0, 2 * pairs, 2).expand(size, pairs)
+        else:
+            pair_slots = [torch.randperm(self.key_span // 2, generator=rng)[:pairs].sort().values for _ in range(size)]
+            key_pos = 2 * torch.stack(pair_slots)  # (B, P)
+        tokens.scatter_(1, key_pos, keys).scatter_(1, key_pos + 1, values)
+        query_pos = self.key_span + 2 * slots  # (B, P)
         tokens.scatter_(1, query_pos, keys)
         targets = torch.full_like(tokens, IGNORE).scatter_(1, query_pos, values)
         return {"tokens": tokens, "targets": targets}
@@ -60,10 +83,9 @@ class MQAR(Task):
         tokens, targets = batch["tokens"], batch["targets"]
         scored = targets != IGNORE  # the queries
         correct = (predicted == targets)[scored]
-        keys = tokens[:, 0 : 2 * self.num_pairs : 2]  # (B, P), distinct within a row; filler holds no key
-        pair = (tokens[:, :, None] == keys[:, None, :]).int().argmax(-1)  # (B, T): the pair of a query's key
-        query_at = torch.arange(self.context).expand_as(tokens)[scored]
-        key_at = 2 * pair[scored]
+        row, query_at = scored.nonzero(as_tuple=True)
+        # a key occurs once before its query (keys are distinct within a row; filler holds none)
+        key_at = (tokens[row] == tokens[row, query_at][:, None]).int().argmax(-1)
         quarter = (query_at - key_at) * len(GAP_QUARTERS) // self.context  # gaps are 1 .. T - 1
         earlier = (key_at // block_size != query_at // block_size).long()
         return {
@@ -74,4 +96,4 @@ class MQAR(Task):
         }
 
     def describe(self):
-        return {"vocab_size": self.vocab_size, "num_pairs": self.num_pairs}
+        return {"vocab_size": self.vocab_size, "num_pairs": self.num_pairs, "key_span": self.key_span}
