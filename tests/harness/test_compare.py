@@ -149,6 +149,7 @@ def test_gpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
     assert len(runs) == 16 and {r.seed for r in runs} == {0, 1}
     assert {(r.task, r.model.context, r.batch * r.model.context) for r in runs} == {("mqar", 512, 32768)}
     assert all(r.steps >= 1000 for r in runs)  # MQAR takes thousands of steps, where it is learned at all
+    assert all(r.lr == 1e-3 and r.schedule == "constant" for r in runs)  # the recipe of docs/training.md
     config = runs[0]
     assert all(r.task_options == config.task_options and r.model.block_size == config.model.block_size for r in runs)
     task = make_task("mqar", 512, seed=int(torch.randint(1000, ())), **config.task_options)
@@ -268,6 +269,7 @@ def test_cpu_recall_preset_spreads_the_pairs_over_more_blocks_than_any_route():
         ("passkey", 512),
     }
     assert all(r.lr == 1e-3 and r.schedule == "constant" for r in runs)  # the recall tasks' recipe
+    assert {r.batch for r in runs if (r.task, r.model.context) == ("mqar", 128)} == {64}  # 192k sequences in 3000 steps
     max_route = max(top_blocks_of(r.model.attention) for r in runs)
     for config in (r for r in runs if r.task == "mqar" and r.model.attention == "global" and r.seed == 0):
         model = config.model.for_task(make_task("mqar", config.model.context))

@@ -166,6 +166,19 @@ def test_resume_refuses_other_settings_and_out_refuses_overwrite(tmp_path):
         train(TINY, out=tmp_path / "run")
 
 
+def test_resume_takes_a_field_added_since_the_checkpoint_as_its_default(tmp_path):
+    """A checkpoint saved before ``pack`` and ``model.untied_head`` existed ran with their defaults."""
+    train(TINY, out=tmp_path / "run")
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    state_file = tmp_path / "run" / "checkpoints" / latest["path"] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["summary"]["config"]["pack"], state["summary"]["config"]["model"]["untied_head"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"other settings \(model.untied_head\)"):  # set otherwise now
+        train(tiny(untied_head=True), out=tmp_path / "run", resume=True)
+    assert train(TINY, out=tmp_path / "run", resume=True)["step"] == TINY.steps
+
+
 def tiny_mqar(**options) -> TrainConfig:
     return tiny(task="mqar", context=64, steps=2, eval_every=2, task_options=options)
 
@@ -189,17 +202,6 @@ def test_task_options_reach_the_task_and_the_records(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(task_options\)"):
         train(other, out=tmp_path / "run", resume=True)
     assert train(config, out=tmp_path / "run", resume=True)["step"] == 2  # the same options resume
-
-
-def test_resume_names_a_setting_that_the_checkpoint_predates(tmp_path):
-    train(TINY, out=tmp_path / "run")
-    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
-    path = tmp_path / "run" / "checkpoints" / latest["path"] / "state.json"
-    state = json.loads(path.read_text())
-    del state["summary"]["config"]["task_options"]  # saved before TrainConfig had the field
-    path.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"other settings \(task_options\)"):
-        train(TINY, out=tmp_path / "run", resume=True)
 
 
 @pytest.mark.parametrize(
@@ -275,8 +277,11 @@ def test_two_gloo_processes_train_as_one(tmp_path, sharding, attention):
     for a, b in zip(ddp["history"], reference["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    # Adam divides each gradient by its own running size, so where a gradient nearly cancels, the last-bit
+    # difference of summing it in another order (the all-reduce) moves that weight by up to a small fraction
+    # of lr (1e-2 here; 2.5e-6 seen on one CPU); a wrong shard or a missing reduction moves weights by ~lr.
     for name, tensor in final_weights(tmp_path / "single").items():
-        torch.testing.assert_close(final_weights(tmp_path / "ddp0")[name], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(final_weights(tmp_path / "ddp0")[name], tensor, rtol=1e-5, atol=1e-4)
 
 
 def test_cli_passes_task_options(tmp_path):
@@ -449,21 +454,23 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, corruption, c
     assert file_named in err
 
 
-def test_dense_learns_mqar_past_the_plateau_at_the_default_lr():
-    """Issue 17: at this model's old lr 3e-3 dense sat at ~1/num_pairs; at MQAR's default 1e-3 it
-    recalls (seeds 0, 1, 2: 0.97, 0.91, 0.99 after these 400 steps; 0.2-0.45 at step 200).  ~18 s, one thread."""
+def test_dense_learns_mqar_past_the_plateau():
+    """Issue 17: dense leaves MQAR's plateau at ~1/num_pairs.  When it does is a lottery at MQAR's default
+    1e-3 (seeds 0, 1, 2 at 400 steps: 0.97, 0.91, 0.99 on an AMD EPYC, 0.26, 0.29, 0.27 on an Intel Xeon);
+    at 5e-4 it is steady: seeds 0-6 on the Xeon at 0.31-0.61 at step 300, 0.94-0.99 at 500, 0.98-1.0 at
+    600.  ~18 s, one thread."""
     config = TrainConfig(
         task="mqar",
         model=ModelConfig(context=64, attention="dense", d_model=64, n_layer=2, n_head=4),
-        steps=400,
+        steps=600,
         batch=32,
+        lr=5e-4,
         warmup=20,
         schedule="constant",  # the cosine's decay slows the late phase where recall is learned
-        eval_every=200,
+        eval_every=300,
         eval_examples=64,
         task_options={"num_pairs": 4, "vocab_size": 32},
     )
-    assert config.lr == 1e-3
     final = train(config)["final"]
     assert final["metric"] > 0.6, final  # chance among the 4 values a sequence holds: 0.25
     assert sum(final["queries_by_gap"].values()) == 64 * 4 and final["queries_by_block"]["earlier"] == 64 * 4

@@ -13,6 +13,7 @@ whole.  Nothing is ever unpickled.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from globalattn import checks
+from globalattn.harness.config import ModelConfig, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -142,9 +144,23 @@ def _folder_name(step: int) -> str:
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:
     """The settings that differ between two configs (``dataclasses.asdict`` of TrainConfig), the
-    model's named ``model.<field>``; a field added since the checkpoint was saved counts too."""
-    saved, now = _settings(saved), _settings(now)
-    return sorted(name for name in saved.keys() | now.keys() if saved.get(name) != now.get(name))
+    model's named ``model.<field>``.  A field added since the checkpoint was saved counts only when it
+    is set to other than its default: a new field's default is what ran before it existed."""
+    saved, now, defaults = _settings(saved), _settings(now), _defaults()
+    return sorted(name for name in saved.keys() | now.keys() if saved.get(name, defaults.get(name)) != now.get(name))
+
+
+def _defaults() -> dict:
+    """The settings' defaults, named as ``_settings`` names them; fields without one are left out."""
+
+    def of(cls) -> dict:
+        return {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+
+    return _settings({**of(TrainConfig), "model": of(ModelConfig)})
 
 
 def _settings(config) -> dict:

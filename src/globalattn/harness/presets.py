@@ -162,6 +162,7 @@ PRESETS = {
         eval_examples=256,
         per_task={
             "mqar": dict(
+                tokens_per_step=8192,  # batch 64 at T = 128: dense leaves the plateau after ~50-155k sequences
                 task_options=dict(vocab_size=64),
                 task_options_by_context={128: dict(num_pairs=8, key_span=64), 256: dict(num_pairs=16, key_span=128)},
             ),
@@ -178,6 +179,7 @@ PRESETS = {
         steps=2000,
         tokens_per_step=32768,  # batch 64
         model=dict(d_model=128, n_layer=2, n_head=4, block_size=32),
+        options=dict(schedule="constant"),  # the recipe of cpu-recall: MQAR's late phase wants the full rate
         eval_every=250,
         eval_examples=128,
         per_task={"mqar": dict(task_options=dict(num_pairs=128, vocab_size=512))},  # vocab >= 2 * (pairs + 1)
