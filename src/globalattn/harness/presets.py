@@ -147,8 +147,8 @@ PRESETS = {
             "listops": dict(eval_examples=256),
         },
     ),
-    # Recall on these machines (issue 17): MQAR's pairs spread over the first half of the context (4 and
-    # 8 blocks of the default b = 16), passkey's needle anywhere; the recipe of docs/training.md
+    # Recall on these machines (issue 17): MQAR's pairs spread over the first half of the context (8
+    # blocks of the default b: 8 at T = 128, 16 at T = 256), passkey's needle anywhere; docs/training.md's recipe
     "cpu-recall": Preset(
         tasks=("mqar", "passkey"),
         contexts=(128, 256),
