@@ -16,6 +16,7 @@ from globalattn.harness.attention import (
     positions_in_documents,
     resolved_block_size,
     resolved_window,
+    routing_hits,
 )
 from globalattn.harness.config import ATTENTIONS, ModelConfig
 
@@ -217,3 +218,30 @@ def test_context_parallel_runs_only_the_global_attentions(name):
         ValueError, match="context parallelism runs the attentions global, global-own and global-window"
     ):
         make_context_parallel_attention(name, causal=True, block_size=4, window=None, group=None)
+
+
+@pytest.mark.parametrize("aim", ["source", "elsewhere"])
+def test_routing_hits_count_the_queries_routed_to_their_sources_block(aim):
+    """Each block's keys point one way, each query at one block: routed there with k = 1, so the hit rate
+    is 1 when queries aim at their source's block and 0 when they aim at another earlier one."""
+    block_size, num_blocks, heads = 4, 8, 2
+    seq_len = block_size * num_blocks
+    directions = torch.eye(num_blocks).repeat_interleave(block_size, 0)  # (T, D): block j's keys along e_j
+    key = 10 * directions + 0.1 * torch.randn(1, heads, seq_len, num_blocks)
+    query_pos = torch.randperm(seq_len - 2 * block_size)[:20] + 2 * block_size  # blocks 2 .. 7: >= 2 candidates
+    query_block = query_pos // block_size
+    source_block = (torch.rand(20) * query_block).long()  # an earlier block
+    source_pos = source_block * block_size + torch.randint(block_size, (20,))
+    aimed = source_block if aim == "source" else (source_block + 1) % query_block  # another earlier block
+    query = torch.zeros(1, heads, seq_len, num_blocks)
+    query[0, :, query_pos] = torch.eye(num_blocks)[aimed] * 10
+    recall = (torch.zeros(20, dtype=torch.long), query_pos, source_pos)
+    hits = routing_hits(query, key, recall, block_size=block_size, top_blocks=1)
+    assert hits["routed"] == (1.0 if aim == "source" else 0.0)
+    assert hits["chance"] == pytest.approx(float((1 / query_block.double()).mean()))  # one of c earlier blocks
+
+
+def test_routing_hits_leave_out_sources_in_the_querys_own_block():
+    query, key = torch.randn(2, 1, 2, 16, 8)
+    own = (torch.zeros(3, dtype=torch.long), torch.tensor([9, 10, 13]), torch.tensor([8, 8, 12]))  # b = 4
+    assert routing_hits(query, key, own, block_size=4, top_blocks=1) is None

@@ -11,7 +11,7 @@ import torch
 from globalattn.cli import main
 from globalattn.harness.attention import resolved_block_size
 from globalattn.harness.compare import compare
-from globalattn.harness.config import ATTENTIONS, top_blocks_of
+from globalattn.harness.config import ATTENTIONS, TASK_LR, top_blocks_of
 from globalattn.harness.presets import PRESETS, ROUTING_ATTENTIONS, Preset
 from globalattn.harness.report import results_markdown
 from globalattn.harness.tasks import IGNORE, make_task
@@ -124,6 +124,14 @@ def test_top_blocks_preset_routes_against_dense_and_global_on_text():
     cells = {(r.task, r.model.context, r.batch, r.steps, r.model.d_model) for r in runs}
     assert cells == {("shakespeare", 256, 16, 1000, 64)}
     assert len(runs) == 16  # two seeds: the differences are small
+
+
+def test_text_preset_trains_every_context_on_the_same_tokens_at_three_seeds():
+    runs = PRESETS["cpu-text"].runs()
+    assert {r.model.attention for r in runs} >= {"dense", "global", "global-window", "local", "sliding"}
+    assert {r.model.context for r in runs} == {512, 1024} and {r.seed for r in runs} == {0, 1, 2}
+    assert len({r.batch * r.model.context for r in runs}) == 1 and len({r.steps for r in runs}) == 1
+    assert {r.lr for r in runs} == {TASK_LR["shakespeare"]}  # the text recipe: the task's own rate
 
 
 def test_per_task_options_reach_each_run_of_their_task(tmp_path):

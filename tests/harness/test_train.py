@@ -487,6 +487,17 @@ def test_the_cli_records_the_lr_and_schedule_used(tmp_path):
     assert (recorded["lr"], recorded["schedule"], recorded["warmup"]) == (5e-4, "cosine", None)
 
 
+def test_routing_runs_record_how_often_each_layer_routes_to_the_keys_block():
+    # key_span 32: the pairs spread over blocks 0-3 of b = 8, the queries after them
+    config = tiny(task="mqar", context=64, attention="global-top2", block_size=8, n_layer=2, steps=2, eval_every=2,
+                  task_options={"num_pairs": 4, "key_span": 32})  # fmt: skip
+    final = train(config)["final"]
+    assert len(final["routed_to_key_block"]) == 2 and all(0 <= hit <= 1 for hit in final["routed_to_key_block"])
+    assert 2 / 7 <= final["routing_chance"] <= 1 / 2  # 2 of the c = 4 .. 7 earlier blocks of a query
+    assert "routed_to_key_block" not in train(dataclasses.replace(config, model=config.model.replace(
+        attention="global")))["final"]  # fmt: skip
+
+
 def test_evaluations_record_the_passkey_breakdown():
     history = train(tiny(task="passkey", context=128, steps=2, eval_every=1, eval_examples=4))["history"]
     assert len(history) == 2 and all(

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from globalattn import cost, spec
-from globalattn.api import global_attention
+from globalattn.api import attention_weights, global_attention
 from globalattn.harness.config import ModelConfig, check_attention, top_blocks_of
 
 # (q, k, v) -> out, and the keyword document_ids=None (packed documents)
@@ -137,6 +137,30 @@ def keys_per_token(name: str, seq_len: int, *, causal: bool, block_size: int, wi
         globals_seen = blk if causal else torch.full((seq_len,), num_blocks)
     routed_blocks = (globals_seen - (0 if causal else 1)).clamp(max=top_blocks_of(name))
     return local + globals_seen + routed_blocks * block_size
+
+
+def routing_hits(query, key, recall, *, block_size: int, top_blocks: int) -> dict | None:
+    """How often ``global-top{k}`` (causal) routes a query to the block of the token it must recall.
+
+    query, key (B, H, T, hd): one layer's attention inputs; ``recall``: (row, query, source)
+    positions (``Task.recall_positions``).  Over the (query, head) pairs whose source sits in an
+    earlier block than the query: ``routed`` the fraction whose k routed blocks include the source's,
+    ``chance`` the fraction that k blocks drawn at random from the candidates (every earlier block)
+    would reach.  None when no source sits in an earlier block.
+    """
+    row, query_pos, source_pos = recall
+    blocks = spec.block_index(query.shape[2], block_size, spec.resolve_remainder(True, None), query.device)
+    earlier = blocks[source_pos] < blocks[query_pos]
+    if not bool(earlier.any()):
+        return None
+    row, query_pos, source_pos = row[earlier], query_pos[earlier], source_pos[earlier]
+    # In float64 a visible key's weight never underflows to 0: weight > 0 is "visible", and a raw
+    # key of an earlier block is visible only through the routing.
+    weights = attention_weights(query.double(), key.double(), block_size, causal=True, top_blocks=top_blocks)
+    seen = weights[row, :, query_pos, source_pos] > 0  # (N, H)
+    candidates = blocks[query_pos].double()  # blocks 0 .. c - 1: the query's own is never routed to
+    chance = candidates.clamp(max=top_blocks) / candidates
+    return {"routed": float(seen.double().mean()), "chance": float(chance.mean())}
 
 
 def _window_counts(name: str, seq_len: int, window: int, causal: bool) -> torch.Tensor:

@@ -169,6 +169,19 @@ PRESETS = {
             "passkey": dict(contexts=(256, 512)),
         },
     ),
+    # Text at a budget that separates the attentions (issue 17): Shakespeare 4x longer than the
+    # 1000 steps of the 2026-12-02 window runs, whose ordering was still moving; three seeds.
+    "cpu-text": Preset(
+        tasks=("shakespeare",),
+        contexts=(512, 1024),
+        attentions=("dense", "global", "global-top1", "global-window", "local", "sliding"),
+        seeds=(0, 1, 2),
+        steps=4000,
+        tokens_per_step=4096,
+        model=dict(d_model=64, n_layer=2, n_head=4),
+        eval_every=250,
+        eval_examples=64,
+    ),
     # Recall through the routing: MQAR's 128 pairs fill 8 of the 16 blocks of b = 32, more than any
     # k <= 4 routes to; why b = 32 and not a smaller b with fewer pairs: docs/training.md.
     "gpu-recall": Preset(

@@ -27,6 +27,13 @@ BREAKDOWNS = (
         "blocks); queries_by_block counts them.",
     ),
     (
+        "routed_to_key_block",
+        "MQAR: queries routed to their key's block, by layer (global-top{k})",
+        "Of the (query, head) pairs whose key sits in an earlier block, the fraction whose k routed blocks "
+        "include the key's, in 16 validation sequences; k blocks drawn at random would reach routing_chance "
+        "(results.json).",
+    ),
+    (
         "accuracy_by_digit",
         "Passkey accuracy by digit",
         "Each of the five digits of the answer, first to last; the metric above is exact match (all five).",

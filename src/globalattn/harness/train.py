@@ -44,10 +44,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from globalattn.harness import checkpoint
-from globalattn.harness.attention import resolved_block_size, resolved_window
-from globalattn.harness.config import TrainConfig
+from globalattn.harness.attention import resolved_block_size, resolved_window, routing_hits
+from globalattn.harness.config import TrainConfig, top_blocks_of
 from globalattn.harness.tasks import IGNORE, Task, make_task
-from globalattn.harness.transformer import attention_cost, build_model, use_context_parallel
+from globalattn.harness.transformer import attention_cost, build_model, recorded_attention_inputs, use_context_parallel
 
 METRICS = "metrics.json"
 DISTRIBUTED_TIMEOUT = timedelta(minutes=10)
@@ -233,7 +233,8 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
 
     bpc: mean loss / ln 2.  accuracy: argmax right at each scored target (each label), or, for an
     exact-match task, at every target of the example.  The task's ``breakdown`` adds its accuracies
-    by kind (MQAR by gap and block, passkey by digit and depth).
+    by kind (MQAR by gap and block, passkey by digit and depth), and ``global-top{k}`` on MQAR how
+    often each layer routes a query to its key's block (``_routing_hits``).
     """
     model.eval()
     loss_sum, loss_count, correct, batches, predictions = 0.0, 0, [], [], []
@@ -252,6 +253,7 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
             predictions.append(predicted.cpu())
         else:
             correct.append(logits.argmax(-1) == batch["labels"])
+    routing = _routing_hits(model, task, config, device) if top_blocks_of(model.config.attention) else {}
     model.train()
     if share is not None and share.group is not None:  # each rank scored its shard: add them up
         totals = torch.tensor([loss_sum, loss_count], dtype=torch.float64, device=device)
@@ -263,7 +265,30 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
     if batches:
         joined = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
         result.update(task.breakdown(joined, torch.cat(predictions), resolved_block_size(model.config)))
-    return result
+    return result | routing
+
+
+# Validation sequences whose attention weights are looked at for the routing's hit rate: the weights
+# are dense (B, H, T, T + G) float64 per layer, so few rows.
+ROUTING_PROBE_ROWS = 16
+
+
+def _routing_hits(model, task: Task, config: TrainConfig, device) -> dict:
+    """For ``global-top{k}`` on a recall task: by layer, the fraction of (query, head) pairs routed to
+    the block of the token the query must find (``attention.routing_hits``), and the fraction a
+    random choice would reach.  Nothing for other tasks."""
+    batch = task.batch("val", 0, min(config.batch, ROUTING_PROBE_ROWS))
+    recall = task.recall_positions(batch)
+    if recall is None:
+        return {}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with recorded_attention_inputs(model) as layers:
+        logits_of(model, task, batch, config.precision)
+    options = dict(block_size=resolved_block_size(model.config), top_blocks=top_blocks_of(model.config.attention))
+    hits = [routing_hits(q, k, tuple(x.to(device) for x in recall), **options) for q, k in layers]
+    if hits[0] is None:  # no query recalls from an earlier block
+        return {}
+    return {"routed_to_key_block": [h["routed"] for h in hits], "routing_chance": hits[0]["chance"]}
 
 
 def _make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

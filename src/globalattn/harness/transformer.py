@@ -15,6 +15,7 @@ document and RoPE counts positions from each document's start.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -144,6 +145,29 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, positions, document_ids)
         return self.norm(x)
+
+
+@contextlib.contextmanager
+def recorded_attention_inputs(model: nn.Module):
+    """Inside the ``with``, every call of an attention layer of ``model`` appends its (q, k), as the
+    attention function receives them (after RoPE), to the list this yields: in call order."""
+    recorded, layers = [], [m for m in model.modules() if isinstance(m, SelfAttention)]
+
+    def recording(attend):
+        def call(q, k, v, **options):
+            recorded.append((q, k))
+            return attend(q, k, v, **options)
+
+        return call
+
+    originals = [layer.attend for layer in layers]
+    for layer in layers:
+        layer.attend = recording(layer.attend)
+    try:
+        yield recorded
+    finally:
+        for layer, attend in zip(layers, originals):
+            layer.attend = attend
 
 
 def init_weights(model: nn.Module, config: ModelConfig) -> None:

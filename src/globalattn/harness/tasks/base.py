@@ -58,6 +58,12 @@ class Task:
         the model's argmax (B, T) (causal tasks), ``block_size``: the model's resolved block size."""
         return {}
 
+    def recall_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        """For tasks whose answers are copied from earlier in the sequence: (row, query, source), three
+        int64 tensors, one entry per scored query: the position it is scored at and the position of
+        the token it must find (MQAR: the key).  None for the others."""
+        return None
+
     def describe(self) -> dict:
         """What a results table should record about the data (corpus checksums, held-out parts)."""
         return {}

@@ -79,13 +79,17 @@ class MQAR(Task):
         targets = torch.full_like(tokens, IGNORE).scatter_(1, query_pos, values)
         return {"tokens": tokens, "targets": targets}
 
-    def breakdown(self, batch, predicted, block_size):
-        tokens, targets = batch["tokens"], batch["targets"]
-        scored = targets != IGNORE  # the queries
-        correct = (predicted == targets)[scored]
-        row, query_at = scored.nonzero(as_tuple=True)
+    def recall_positions(self, batch):
+        tokens = batch["tokens"]
+        row, query_at = (batch["targets"] != IGNORE).nonzero(as_tuple=True)  # the queries
         # a key occurs once before its query (keys are distinct within a row; filler holds none)
         key_at = (tokens[row] == tokens[row, query_at][:, None]).int().argmax(-1)
+        return row, query_at, key_at
+
+    def breakdown(self, batch, predicted, block_size):
+        targets = batch["targets"]
+        correct = (predicted == targets)[targets != IGNORE]  # in the order of recall_positions
+        _, query_at, key_at = self.recall_positions(batch)
         quarter = (query_at - key_at) * len(GAP_QUARTERS) // self.context  # gaps are 1 .. T - 1
         earlier = (key_at // block_size != query_at // block_size).long()
         return {
