@@ -204,15 +204,17 @@ def _run_train(args: argparse.Namespace) -> int:
         model=ModelConfig(**{f.name: getattr(args, f.name) for f in _config_options(ModelConfig)}),
         task_options=_task_options(args.task_option),
     )
+    finished = False
     try:
         summary = train(
             config, out=args.out, resume=args.resume, device=args.device, fsdp=args.fsdp, progress=not args.no_progress
         )
+        finished = True
     except NonFiniteLoss as stop:
         print(f"{PROG}: error: {stop}", file=sys.stderr)
         return 1
     finally:
-        _leave_process_group()
+        _leave_process_group(finished=finished)
     final, model = summary["final"], config.model
     print(
         f"{config.task} {model.attention} T={model.context}: step {summary['step']}, validation "
@@ -222,13 +224,21 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(*, finished: bool) -> None:
     """Under torchrun, train() joined a process group: leave it before exiting, as torch asks (a
-    process that exits with a live gloo group can abort in its threads' teardown)."""
+    process that exits with a live gloo group can abort in its threads' teardown; one such abort
+    after a finished run was seen once in CI, 2026-12-03).  A finished run first waits for every rank,
+    so that none tears its connections down while a peer still uses them, and afterwards collects
+    what may still hold a collective's work, while the interpreter is whole."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:  # (after a failure a peer may be gone: a barrier would wait for the timeout)
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _task_options(given: list[str]) -> dict[str, int]:
