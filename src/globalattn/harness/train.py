@@ -282,10 +282,11 @@ def _routing_hits(model, task: Task, config: TrainConfig, device) -> dict:
     if recall is None:
         return {}
     batch = {k: v.to(device) for k, v in batch.items()}
+    recall = tuple(x.to(device) for x in recall)
     with recorded_attention_inputs(model) as layers:
         logits_of(model, task, batch, config.precision)
     options = dict(block_size=resolved_block_size(model.config), top_blocks=top_blocks_of(model.config.attention))
-    hits = [routing_hits(q, k, tuple(x.to(device) for x in recall), **options) for q, k in layers]
+    hits = [routing_hits(q, k, recall, **options) for q, k in layers]
     if hits[0] is None:  # no query recalls from an earlier block
         return {}
     return {"routed_to_key_block": [h["routed"] for h in hits], "routing_chance": hits[0]["chance"]}
