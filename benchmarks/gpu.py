@@ -16,11 +16,12 @@ Defaults: bf16, B=1, H=16, D=128; S = 4k, 16k, 64k, 128k at b=128 (the targets' 
 In this order:
 
 1. the bf16 matrix product rate (8192^3), the ceiling the forward's "% of matmul rate" is read against;
-2. a correctness gate: each of our backends at S=1000 (an uneven last block) against backend="reference",
+2. a correctness gate: each of our backends at S=1000 (an uneven last block; --gate-seq) against
+   backend="reference" (--gate-reference torch: the torch backend, whose memory is O(S), for a long gate),
    forward and the gradients of q, k, v for a random upstream gradient, bidirectional and causal:
-   in float32 (relative error <= 2e-3, which tf32 dots pass) and in bf16 against the float32 reference
-   (<= max(3x the error of the reference itself run in bf16, 1e-2)).  A backend that fails or raises is
-   reported and not timed;
+   in float32 (relative error <= 2e-3, which tf32 dots pass; not with --gate-reference torch) and in
+   bf16 against the float32 reference (<= max(3x the error of the reference itself run in bf16, 1e-2)).
+   A backend that fails or raises is reported and not timed;
 3. the timings: b=128 at every S, longest first, with the dense contenders; with --long, S = 256k,
    512k, 1M for our backends (b=128 and ~sqrt(S)); then the other block sizes.  For each (S, b, mode,
    pass) the contenders take turns: a first call (compile and autotune; its seconds are kept as first_call_s),
@@ -137,6 +138,13 @@ def _parse(argv) -> argparse.Namespace:
     shape.add_argument("--head-dim", type=_positive, default=128)
     shape.add_argument("--dtype", choices=DTYPES, default="bf16")
     shape.add_argument("--gate-seq", type=_positive, default=1000, help="S of the correctness gate")
+    shape.add_argument(
+        "--gate-reference",
+        choices=("reference", "torch"),
+        default="reference",
+        help="the gate's float32 reference: the dense reference backend (S^2 memory), or the torch backend "
+        "(O(S), for a long gate); with torch, ours are gated in the timed dtype alone",
+    )
     timing = parser.add_argument_group("timing")
     timing.add_argument("--rounds", type=_positive, default=3, help="turns per measurement (fewer for long calls)")
     timing.add_argument("--warmup-ms", type=_positive, default=10, help="do_bench warm-up per sample")
@@ -403,22 +411,23 @@ class Bench:
         return result
 
     def gate(self) -> None:
-        """Each of our backends against backend="reference" (float32 on the same device), forward and
+        """Each of our backends against --gate-reference (float32 on the same device), forward and
         gradients, before any timing: no speed is reported for a wrong result."""
         args = self.args
         ours = [name for name in args.contenders if name in OURS]
         low = self.dtype if self.dtype != torch.float32 else torch.bfloat16
+        dtypes = (low,) if args.gate_reference == "torch" else (torch.float32, low)
         shape = (1, min(args.heads, 4), args.gate_seq, args.head_dim)
         for causal in (False, True):
             mode = "causal" if causal else "bidir"
             q, k, v, grad_out = (torch.randn(shape, device=self.device) for _ in range(4))
-            reference = _forward_backward("reference", (q, k, v, grad_out), args, causal, torch.float32)
-            naive = _forward_backward("reference", (q, k, v, grad_out), args, causal, low)
+            reference = _forward_backward(args.gate_reference, (q, k, v, grad_out), args, causal, torch.float32)
+            naive = _forward_backward(args.gate_reference, (q, k, v, grad_out), args, causal, low)
             naive_errors = [_relative_error(a, r) for a, r in zip(naive, reference)]
             for name in ours:
                 if name in self.unavailable:
                     continue
-                for dtype in (torch.float32, low):
+                for dtype in dtypes:
                     entry = {"backend": name, "mode": mode, "dtype": str(dtype).removeprefix("torch.")}
                     try:
                         got = _forward_backward(name, (q, k, v, grad_out), args, causal, dtype)

@@ -76,9 +76,11 @@ def pool_blocks(
     else:
         sums = documents.block_sums
         real = xs[0].new_ones(batch, seq_len, dtype=acc_dtype) if key_mask is None else key_mask.to(acc_dtype)
-        counts = sums(real[:, None, :, None])[:, 0, :, 0]  # (1, G)
+        counts = sums(real[:, None, :, None], dtype=acc_dtype)[:, 0, :, 0]  # (1, G)
     inverse_counts = (1.0 / counts.clamp(min=1))[:, None, :, None]
-    means = tuple((sums(zero_padding(x, key_mask).to(acc_dtype)) * inverse_counts).to(x.dtype) for x in xs)
+    # Summed in acc_dtype by the reduction itself: no full-precision copy of K and V (on a GPU at
+    # 128k tokens such a copy costs as much traffic as half the forward).
+    means = tuple((sums(zero_padding(x, key_mask), dtype=acc_dtype) * inverse_counts).to(x.dtype) for x in xs)
     return means, counts > 0
 
 
@@ -96,17 +98,18 @@ def real_token_counts(
         weights = torch.ones(batch, seq_len, dtype=dtype, device=device)
     else:
         weights = key_mask.to(dtype)
-    return _block_sums(weights[:, None, :, None], block_size, remainder)[:, 0, :, 0]
+    return _block_sums(weights[:, None, :, None], block_size, remainder, dtype=dtype)[:, 0, :, 0]
 
 
-def _block_sums(x: torch.Tensor, block_size: int, remainder: str) -> torch.Tensor:
-    """Sum over each block of dim -2: (B, H, S, D) -> (B, H, G, D), by reshaping, not scattering."""
+def _block_sums(x: torch.Tensor, block_size: int, remainder: str, *, dtype: torch.dtype) -> torch.Tensor:
+    """Sum over each block of dim -2: (B, H, S, D) -> (B, H, G, D) in ``dtype``, by reshaping, not
+    scattering."""
     seq_len = x.shape[-2]
     full = seq_len // block_size
-    sums = x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2)
+    sums = x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2, dtype=dtype)
     if full * block_size == seq_len:
         return sums
-    tail = x[..., full * block_size :, :].sum(-2, keepdim=True)
+    tail = x[..., full * block_size :, :].sum(-2, keepdim=True, dtype=dtype)
     if remainder == "separate" or full == 0:
         return torch.cat([sums, tail], dim=-2)
     return torch.cat([sums[..., :-1, :], sums[..., -1:, :] + tail], dim=-2)
@@ -126,10 +129,10 @@ class DocumentBlocks:
     doc_start: torch.Tensor  # (G,) the first position of each block's document
     doc_end: torch.Tensor  # (G,) one past its last
 
-    def block_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over each block of dim -2: (1, H, N, D) -> (1, H, G, D)."""
-        sums = x.new_zeros(*x.shape[:-2], self.starts.numel(), x.shape[-1])
-        return sums.index_add_(-2, self.block_of, x)
+    def block_sums(self, x: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+        """Sum over each block of dim -2: (1, H, N, D) -> (1, H, G, D) in ``dtype``."""
+        sums = x.new_zeros(*x.shape[:-2], self.starts.numel(), x.shape[-1], dtype=dtype)
+        return sums.index_add_(-2, self.block_of, x.to(dtype))
 
 
 def document_blocks(document_ids: torch.Tensor, block_size: int, remainder: str) -> DocumentBlocks:

@@ -16,6 +16,8 @@ GPU depending on ``TRITON_INTERPRET`` at that moment.
 
 from __future__ import annotations
 
+import torch
+
 NAMES = ("reference", "torch", "flex", "triton")
 _unavailable: dict[str, _Unavailable] = {}  # backends whose import failed, with the reason
 
@@ -38,6 +40,16 @@ def get(name: str):
         _unavailable[name] = _Unavailable(f"it cannot be imported here ({error})")
         return _unavailable[name]
     return backend
+
+
+def float32_uses_tf32() -> bool:
+    """Whether PyTorch lets float32 matrix products use TF32 (``torch.set_float32_matmul_precision
+    ("high")`` or the newer ``torch.backends.cuda.matmul.fp32_precision = "tf32"``), as cuBLAS and
+    FlexAttention then do; by default they run in full precision."""
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")  # the newer switch, when set
+    if setting != "none":
+        return setting != "ieee"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 class _Unavailable:

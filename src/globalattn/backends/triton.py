@@ -20,14 +20,16 @@ kernels that write disjoint outputs (no atomics, so the result is deterministic)
   real key's share of its block's dKg, dVg), so that dK and dV are written once and no gradient
   of the global tokens reaches autograd.
 
-The pooling itself (``spec.pool_blocks``) is one pass over K and V in PyTorch, inside the op and
-again in backward (cheaper than keeping the pooled tensors between the two).
+The pooling itself (``spec.pool_blocks``) is one pass over K and V in PyTorch, a reduction that
+accumulates in float32 without a float32 copy of K and V, inside the forward op; the pooled tensors
+(S / b rows) are kept for the backward.
 
 Both directions are registered as custom ops (``globalattn::triton_forward`` / ``_backward``), so
 ``torch.compile`` treats a call as one opaque node instead of breaking the graph.
 
-Coverage: float16, bfloat16 and float32 (fp32 accumulation; float32 matrix products in full
-precision, not TF32), head dims up to 256 (padded to a power of two), every option of docs/semantics.md,
+Coverage: float16, bfloat16 and float32 (fp32 accumulation; float32 matrix products in TF32, so
+on a GPU only where PyTorch's float32 matmul precision allows TF32: in full precision the tiles
+spill, and ``auto`` takes flex), head dims up to 256 (padded to a power of two), every option of docs/semantics.md,
 ``window`` included, except ``top_blocks``, ``extra_global_tokens`` and dropout.  On the CPU the
 kernels run under ``TRITON_INTERPRET=1`` (set before globalattn is imported), which is how the
 test suite exercises them without a GPU; the interpreter cannot multiply bfloat16.
@@ -42,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from globalattn import checks, spec
+from globalattn import backends, checks, spec
 
 LOG2_E = math.log2(math.e)
 MAX_HEAD_DIM = 256
@@ -59,6 +61,9 @@ def unsupported(query, key, value, options) -> str | None:
         return f"dtype {query.dtype} is not supported (float16, bfloat16, float32)"
     if INTERPRETED and query.dtype == torch.bfloat16:
         return "the Triton interpreter cannot multiply bfloat16 (float16 and float32 run there)"
+    if query.dtype == torch.float32 and not INTERPRETED and not backends.float32_uses_tf32():
+        return ('float32 in full precision is not supported (without tensor cores its tiles spill); '
+                'torch.set_float32_matmul_precision("high") runs it in TF32')  # fmt: skip
     if options.top_blocks:
         return "top_blocks is not supported"
     if options.dropout_p > 0:
@@ -74,28 +79,72 @@ def unsupported(query, key, value, options) -> str | None:
 
 def attention(query, key, value, options):
     own = options.scope == "own"
-    return _forward_op(query, key, value, options.key_mask, options.block_size, options.remainder, options.causal, own,
-                       options.window, options.scale)  # fmt: skip
+    out, lse, _, _ = _forward_op(query, key, value, options.key_mask, options.block_size, options.remainder,
+                                 options.causal, own, options.window, options.scale)  # fmt: skip
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile sizes.  The GPU set is small and fixed, its first entry the default; GLOBALATTN_TRITON_AUTOTUNE=0
-# keeps that one alone (the test suite does: it meets dozens of shapes, and tuning each would
-# compile every configuration).  Under the interpreter one small tile shape, so that the test
-# shapes span several tiles and each kernel runs once, not once per configuration.
+# Tile sizes (BLOCK_M, BLOCK_N, warps, stages), per kernel family and per width of a row: the head
+# dim's tier (up to 64, 128 or 256, as BLOCK_D rounds it) and the bytes per element (2: float16 and
+# bfloat16, 4: float32).  Each list holds only tiles that Triton compiles for sm_90 within shared
+# memory and without spilling registers (tests/compile_for_gpu.py compiles every one at the shapes
+# users run, through the launchers, and fails on a spill); the first is the default.  The key-tile
+# kernels hold a tile of keys and its two float32 gradients in registers: they take the smallest
+# tiles.  GLOBALATTN_TRITON_AUTOTUNE=0 keeps the defaults alone (the test suite does: it meets dozens
+# of shapes, and tuning each would compile every configuration).  Under the interpreter one small
+# tile shape, so that the test shapes span several tiles and each kernel runs once.
 AUTOTUNE = os.environ.get("GLOBALATTN_TRITON_AUTOTUNE", "1") != "0"
+Tiles = dict[tuple[int, int], list[tuple[int, int, int, int]]]
+
+FORWARD_TILES: Tiles = {
+    (64, 2): [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2)],
+    (128, 2): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2)],
+    (256, 2): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 3)],
+    (64, 4): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)],
+    (128, 4): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 32, 4, 3)],
+    (256, 4): [(32, 32, 4, 2), (16, 64, 4, 2)],
+}
+QUERY_GRAD_TILES: Tiles = {
+    (64, 2): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+    (128, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+    (256, 2): [(64, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
+    (64, 4): [(64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 8, 2)],
+    (128, 4): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+    (256, 4): [(16, 32, 8, 2), (32, 16, 4, 2)],
+}
+KEY_GRAD_TILES: Tiles = {  # dK, dV and dKg, dVg
+    (64, 2): [(64, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2)],
+    (128, 2): [(32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+    (256, 2): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    (64, 4): [(32, 32, 4, 2), (16, 32, 8, 2)],
+    (128, 4): [(16, 32, 8, 2), (16, 16, 4, 2)],
+    (256, 4): [(16, 32, 8, 2), (16, 16, 4, 2)],
+}
 
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    shapes = [(16, 16, 1, 1)] if INTERPRETED else gpu if AUTOTUNE else gpu[:1]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in shapes
-    ]
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-_FORWARD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)])
-_BACKWARD_CONFIGS = _configs([(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)])
+def _tile_width(meta: dict, query: torch.Tensor) -> tuple[int, int]:
+    return max(64, meta["BLOCK_D"], meta["BLOCK_DV"]), query.element_size()
+
+
+def _autotuned(tiles: Tiles, key: list[str]):
+    """triton.autotune over the tiles of each call's width: tried in turn, or the first alone."""
+    if INTERPRETED:
+        return triton.autotune(configs=[_config(16, 16, 1, 1)], key=key)
+    configs = {shape: _config(*shape) for shapes in tiles.values() for shape in shapes}
+
+    def tiles_for_this_call(_all, named_args, **meta):
+        shapes = tiles[_tile_width(meta, named_args["Q"])]
+        return [configs[shape] for shape in (shapes if AUTOTUNE else shapes[:1])]
+
+    return triton.autotune(configs=list(configs.values()), key=key,
+                           prune_configs_by={"early_config_prune": tiles_for_this_call})  # fmt: skip
+
+
 # Tuned once per head dims, options, block size and power-of-two bucket of the sequence length
 # (``seq_bucket``, an argument the kernels take for this alone): a tile that suits 1k tokens need
 # not suit 128k, and a new length within a bucket must not tune again.
@@ -170,6 +219,15 @@ def _global_range(first_block, last_block, num_blocks, CAUSAL: tl.constexpr, SCO
         return 0, num_blocks
 
 
+@triton.jit
+def _tile_and_rest(num_tiles):
+    """This program's tile and the index of what it repeats over (batch and head, ...), from a
+    one-dimensional grid: CUDA caps the grid's second and third dimensions at 65535, which B * H
+    passes.  One head's tiles are adjacent, so programs that run together share its keys in L2."""
+    pid = tl.program_id(0)
+    return pid % num_tiles, pid // num_tiles
+
+
 # ---------------------------------------------------------------------------------------------
 # Per query tile: the forward pass, and dQ.  One kernel: both visit the same local keys and global
 # tokens in the same order; BACKWARD picks what is done with each tile of scores.  lse2 is each
@@ -225,7 +283,10 @@ def _query_tile_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Forward: OUT (B, Hq, L, Dv) and LSE (B, Hq, L).  BACKWARD: OUT is dQ, shaped like Q."""
-    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    num_tiles = tl.cdiv(q_len, BLOCK_M)
+    tile, batch_head = _tile_and_rest(num_tiles)
+    if CAUSAL:  # the last tiles see the most global tokens: start them first, so that none is left alone at the end
+        tile = num_tiles - 1 - tile
     b, h = batch_head // q_heads, batch_head % q_heads
     kv_h = h // group
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -301,8 +362,8 @@ def _query_tile_kernel(
         tl.store(LSE + row_base + rows, lse, mask=row_ok)
 
 
-_forward_kernel = triton.autotune(configs=_FORWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
-_query_grad_kernel = triton.autotune(configs=_BACKWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
+_forward_kernel = _autotuned(FORWARD_TILES, _LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
+_query_grad_kernel = _autotuned(QUERY_GRAD_TILES, _LOCAL_AUTOTUNE_KEY)(_query_tile_kernel)
 
 
 @triton.jit
@@ -315,7 +376,7 @@ def _row_terms_kernel(
 ):  # fmt: skip
     """What every backward kernel reads per query row: lse2 and delta (see above), in float32
     without a float32 copy of O or dO."""
-    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    tile, batch_head = _tile_and_rest(tl.cdiv(q_len, BLOCK_M))
     b, h = batch_head // q_heads, batch_head % q_heads
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
@@ -381,7 +442,7 @@ def _key_tile_grads(
     return dk, dv
 
 
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=_LOCAL_AUTOTUNE_KEY)
+@_autotuned(KEY_GRAD_TILES, _LOCAL_AUTOTUNE_KEY)
 @triton.jit
 def _key_grad_kernel(
     Q, K, V, KEEP, DO, LSE2, DELTA, DKG, DVG, INV_COUNT, DK, DV,
@@ -398,7 +459,7 @@ def _key_grad_kernel(
     """dK, dV (B, Hkv, S, D | Dv): one program per BLOCK_N keys and key head.  The local part, plus
     the pooling's backward: each real key's share of its block's dKg, dVg (float32 (B, Hkv, G, D |
     Dv), from ``_global_grad_kernel``), one over the block's count of real tokens (INV_COUNT, (B, G))."""
-    tile, batch_head = tl.program_id(0), tl.program_id(1)
+    tile, batch_head = _tile_and_rest(tl.cdiv(seq_len, BLOCK_N))
     b, kv_h = batch_head // kv_heads, batch_head % kv_heads
     K += b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
@@ -441,7 +502,7 @@ def _key_grad_kernel(
              mask=col_ok[:, None] & value_dim_ok[None, :])  # fmt: skip
 
 
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY)
+@_autotuned(KEY_GRAD_TILES, _AUTOTUNE_KEY)
 @triton.jit
 def _global_grad_kernel(
     Q, KG, VG, PRESENT, DO, LSE2, DELTA, DKG, DVG,
@@ -450,14 +511,16 @@ def _global_grad_kernel(
     stride_wb, stride_wh, stride_wg,
     stride_ob, stride_oh, stride_ol,
     kv_heads, group, q_len, seq_len, num_blocks, query_offset, block_size, scale_log2, scale,
-    head_dim, value_dim, seq_bucket, rows_per_split,
+    head_dim, value_dim, seq_bucket, splits, rows_per_split,
     CAUSAL: tl.constexpr, SCOPE_OWN: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One slice of query rows' share of dKg, dVg: one program per BLOCK_N global tokens, slice
     and key head, written to float32 (splits, B, Hkv, G, D | Dv) buffers DKG, DVG."""
-    tile, split, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_tiles = tl.cdiv(num_blocks, BLOCK_N)
+    tile, rest = _tile_and_rest(num_tiles)
+    split, batch_head = rest % splits, rest // splits
     b, kv_h = batch_head // kv_heads, batch_head % kv_heads
     KG += b.to(tl.int64) * stride_gb + kv_h.to(tl.int64) * stride_gh
     VG += b.to(tl.int64) * stride_wb + kv_h.to(tl.int64) * stride_wh
@@ -490,7 +553,8 @@ def _global_grad_kernel(
         dims, dim_ok, value_dims, value_dim_ok,
         True, CAUSAL, SCOPE_OWN, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
-    part = ((split * tl.num_programs(2) + batch_head) * num_blocks).to(tl.int64)
+    kv_batch_heads = tl.num_programs(0) // (num_tiles * splits)
+    part = ((split * kv_batch_heads + batch_head) * num_blocks).to(tl.int64)
     tl.store(DKG + (part + blocks[:, None]) * head_dim + dims[None, :], dkg * scale,
              mask=in_range[:, None] & dim_ok[None, :])  # fmt: skip
     tl.store(DVG + (part + blocks[:, None]) * value_dim + value_dims[None, :], dvg,
@@ -532,7 +596,9 @@ def _static_args(query, value, key_keep, causal, scope_own) -> dict:
         HAS_MASK=key_keep is not None,
         BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
         BLOCK_DV=max(16, triton.next_power_of_2(value.shape[-1])),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        # float32 in TF32 where PyTorch's matmuls may use it; else in full precision, which only the
+        # interpreter runs here (see unsupported)
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 and not backends.float32_uses_tf32() else "tf32",
     )
 
 
@@ -542,13 +608,9 @@ def _window_args(window: int | None) -> dict:
     return dict(window=0 if window is None else window, HAS_WINDOW=window is not None)
 
 
-def _global_tokens(key, value, key_mask, block_size, remainder):
-    """The pooled keys and values, which blocks have a global token and which keys are real, as the
-    kernels read them (int8 for the flags)."""
-    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
-    # The kernels read the mask as a row-major (B, S) array, whatever the caller's layout.
-    keep = None if key_mask is None else key_mask.to(torch.int8, memory_format=torch.contiguous_format)
-    return key_global, value_global, present.to(torch.int8), keep
+def _key_keep(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask as the kernels read it: a row-major (B, S) int8 array, whatever the caller's layout."""
+    return None if key_mask is None else key_mask.to(torch.int8, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("globalattn::triton_forward", mutates_args=())
@@ -563,32 +625,36 @@ def _forward_op(
     scope_own: bool,
     window: int | None,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, and the global tokens, kept for the backward: S / b rows, not pooled twice)."""
     query, key, value = _kernel_layout(query, key, value)
-    key_global, value_global, present, keep = _global_tokens(key, value, key_mask, block_size, remainder)
+    (key_global, value_global), present = spec.pool_blocks((key, value), block_size, remainder, key_mask)
+    keep = _key_keep(key_mask)
     batch, q_heads, q_len, _ = query.shape
     kv_heads, seq_len = key.shape[1], key.shape[2]
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
     lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     if out.numel() == 0:  # no rows (L, B or Hq is 0): no program to launch
-        return out, lse
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+        return out, lse, key_global, value_global
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * q_heads,)  # noqa: E731
     _forward_kernel[grid](
-        query, key, value, key_global, value_global, keep, present, None, None, None, out, lse,
+        query, key, value, key_global, value_global, keep, present.to(torch.int8), None, None, None, out, lse,
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
         *_strides(out),
         q_heads, q_heads // kv_heads, q_len, seq_len, key_global.shape[2], seq_len - q_len, block_size,
         scale * LOG2_E, scale, query.shape[-1], value.shape[-1], triton.next_power_of_2(seq_len), BACKWARD=False,
         **_window_args(window), **_static_args(query, value, keep, causal, scope_own),
     )  # fmt: skip
-    return out, lse
+    return out, lse, key_global, value_global
 
 
 @_forward_op.register_fake
 def _(query, key, value, key_mask, block_size, remainder, causal, scope_own, window, scale):
     batch, q_heads, q_len, _ = query.shape
     out = query.new_empty(batch, q_heads, q_len, value.shape[-1])
-    return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32)
+    blocks = spec.num_blocks(key.shape[2], block_size, remainder)
+    pooled = [x.new_empty(batch, x.shape[1], blocks, x.shape[3]) for x in (key, value)]
+    return out, query.new_empty(batch, q_heads, q_len, dtype=torch.float32), *pooled
 
 
 @torch.library.custom_op("globalattn::triton_backward", mutates_args=())
@@ -601,6 +667,8 @@ def _backward_op(
     key_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
+    key_global: torch.Tensor,
+    value_global: torch.Tensor,
     block_size: int,
     remainder: str,
     causal: bool,
@@ -609,17 +677,17 @@ def _backward_op(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     query, key, value, grad_out, out = _kernel_layout(query, key, value, grad_out, out)
-    # Pooled again rather than kept from forward: one pass over K and V, and no memory held between.
-    key_global, value_global, present, keep = _global_tokens(key, value, key_mask, block_size, remainder)
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, seq_len, value_dim = key.shape[1], key.shape[2], value.shape[-1]
     num_blocks = key_global.shape[2]
     if query.numel() == 0:  # no rows (L, B or Hq is 0): no program to launch
         return torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    counts = spec.real_token_counts(key_mask, batch, seq_len, block_size, remainder, query.device, torch.float32)
+    present, keep = (counts > 0).to(torch.int8), _key_keep(key_mask)
     (query, grad_query), (key, grad_key), (value, grad_value) = map(_with_gradient_buffer, (query, key, value))
     lse2, delta = torch.empty_like(lse), torch.empty_like(lse)
     static = _static_args(query, value, keep, causal, scope_own)
-    grid = (triton.cdiv(q_len, ROW_TILE), batch * q_heads)
+    grid = (triton.cdiv(q_len, ROW_TILE) * batch * q_heads,)
     _row_terms_kernel[grid](
         out, grad_out, lse.contiguous(), grad_lse.contiguous(), lse2, delta,
         *_strides(out), *_strides(grad_out), q_heads, q_len, value_dim,
@@ -629,7 +697,7 @@ def _backward_op(
     common += (triton.next_power_of_2(seq_len),)  # seq_bucket
     group = q_heads // kv_heads
 
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * q_heads,)  # noqa: E731
     _query_grad_kernel[grid](
         query, key, value, key_global, value_global, keep, present, grad_out, lse2, delta, grad_query, None,
         *_strides(query), *_strides(key), *_strides(value), *_strides(key_global), *_strides(value_global),
@@ -638,15 +706,14 @@ def _backward_op(
     splits = _global_grad_splits(query, batch * kv_heads, num_blocks)
     rows_per_split = triton.cdiv(q_len, splits)
     parts = [torch.empty(splits, batch, kv_heads, num_blocks, d, device=query.device) for d in (head_dim, value_dim)]
-    grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCK_N"]), splits, batch * kv_heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(num_blocks, meta["BLOCK_N"]) * splits * batch * kv_heads,)  # noqa: E731
     _global_grad_kernel[grid](
         query, key_global, value_global, present, grad_out, lse2, delta, *parts,
         *_strides(query), *_strides(key_global), *_strides(value_global), *_strides(grad_out),
-        kv_heads, group, *common, rows_per_split, **static,
+        kv_heads, group, *common, splits, rows_per_split, **static,
     )  # fmt: skip
     grad_key_global, grad_value_global = (part.sum(0) for part in parts)  # a fixed order: deterministic
-    counts = spec.real_token_counts(key_mask, batch, seq_len, block_size, remainder, query.device, torch.float32)
-    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
     _key_grad_kernel[grid](
         query, key, value, keep, grad_out, lse2, delta, grad_key_global, grad_value_global,
         1.0 / counts.clamp(min=1), grad_key, grad_value,
@@ -674,15 +741,17 @@ def _global_grad_splits(query: torch.Tensor, kv_batch_heads: int, num_blocks: in
 def _setup_context(ctx, inputs, output):
     query, key, value, key_mask, *options = inputs
     ctx.save_for_backward(query, key, value, key_mask, *output)
+    ctx.mark_non_differentiable(*output[2:])  # the global tokens: their gradient reaches K, V inside the op
     ctx.options = options  # block_size, remainder, causal, scope_own, window, scale
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, _grad_key_global, _grad_value_global):
     checks.first_order_backward("triton")
-    query, key, value, key_mask, out, lse = ctx.saved_tensors
+    query, key, value, key_mask, out, lse, key_global, value_global = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    grads = _backward_op(grad_out, grad_lse, query, key, value, key_mask, out, lse, *ctx.options)
+    grads = _backward_op(grad_out, grad_lse, query, key, value, key_mask, out, lse, key_global, value_global,
+                         *ctx.options)  # fmt: skip
     return (*grads, None, None, None, None, None, None, None)  # none for key_mask and the options
 
 
