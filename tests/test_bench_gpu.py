@@ -130,3 +130,22 @@ def test_targets_are_read_off_the_rows():
     rows[0] |= {"status": "skipped", "reason": "ValueError: no kernel"}
     first = gpu.targets(report)["triton_over_flex"]["points"][0]
     assert first["speedup"] is None and first["reason"] == "triton: ValueError: no kernel"
+
+
+def test_the_gpu_check_script_selects_a_representative_test_subset():
+    """scripts/gpu_check.sh runs the GPU tests its -k expression selects: collected here (nothing runs), the
+    subset must cover what issue 18 lists, and stay small enough for its time limit."""
+    root = SCRIPT.parents[1]
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    subset = script.split("subset='", 1)[1].split("'", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+         "tests/test_triton.py", "tests/test_backends.py", "-k", subset],
+        capture_output=True, text=True, cwd=root, timeout=120,
+    )  # fmt: skip
+    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert 40 <= len(ids) <= 150, (len(ids), done.stdout[-2000:])
+    for wanted in ("triton-bf16", "triton-f16", "flex-bf16", "causal", "bidir", "mask_random", "Hkv1", "-w", "D59",
+                   "L100-S300", "test_realistic_size_on_gpu", "test_more_batch_heads"):  # fmt: skip
+        assert any(wanted in i for i in ids), wanted
+    assert any("gradients" in i for i in ids) and any("forward" in i for i in ids)

@@ -5,6 +5,7 @@
     globalattn train --task mqar --attention global --context 512 --out runs/mqar-global
     globalattn train --task mqar --task-option num_pairs=32 --attention dense --context 512
     globalattn compare --preset cpu-small --out runs/cpu-small
+    globalattn evaluate runs/mqar-dense --attention global-top2   # a run's weights under another attention
 
 Each subcommand is a pair: ``_add_<name>`` declares its options, ``_run_<name>(args) -> int`` does
 the work and imports what it needs.  Building the parser imports no torch (only the harness's
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: a COMMAND is required (demo, train or compare)", file=sys.stderr)
+        print(f"{PROG}: error: a COMMAND is required (demo, train, compare or evaluate)", file=sys.stderr)
         return 2
     try:
         return args.run(args)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_train(commands)
     _add_compare(commands)
+    _add_evaluate(commands)
     return parser
 
 
@@ -189,9 +191,13 @@ def _add_config_options(parser, cls) -> None:
 
 
 def _add_run_options(parser) -> None:
+    _add_device_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_device_options(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -302,6 +308,31 @@ def _run_compare(args: argparse.Namespace) -> int:
         preset, args.out, device=args.device, jobs=args.jobs, threads=threads, progress=not args.no_progress
     )
     print(f"{len(report['runs'])} runs in {report['wall_seconds']:.0f} s; tables: {args.out}/results.md")
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a run's last checkpoint, under its attention or another one with the same weights",
+        description="Evaluate the last checkpoint of a run (the --out folder of train, or a run folder of compare) "
+        "on the validation sequences its training saw, and print the evaluation as JSON: the metric, the loss and "
+        "the task's breakdown. With --attention, the same weights run under another attention: e.g. a dense-trained "
+        "model routed to its top blocks (global-top2), to see whether its keys would let the router find the right "
+        "block.",
+    )
+    evaluate.add_argument("folder", metavar="RUN", help="the run's folder (it holds checkpoints/)")
+    evaluate.add_argument("--attention", metavar="NAME", help="another attention for the same weights")
+    _add_device_options(evaluate)
+    evaluate.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from globalattn.harness.train import evaluate_run
+
+    _check_device(args.device)
+    _set_threads(args.threads)
+    print(json.dumps(evaluate_run(args.folder, attention=args.attention, device=args.device)))
     return 0
 
 

@@ -504,3 +504,41 @@ def test_evaluations_record_the_passkey_breakdown():
         len(h["accuracy_by_digit"]) == 5 and len(h["accuracy_by_depth"]) == 5 for h in history
     )
     assert all(min(h["accuracy_by_digit"]) >= h["metric"] for h in history)  # a digit is right wherever all five are
+
+
+def test_evaluate_reproduces_a_runs_final_evaluation_and_runs_its_weights_under_another_attention(tmp_path):
+    config = tiny(task="mqar", context=64, attention="dense", block_size=8, n_layer=2, steps=4, eval_every=2,
+                  task_options={"num_pairs": 4, "key_span": 32})  # fmt: skip
+    final = train(config, out=tmp_path / "run")["final"]
+    again = training.evaluate_run(tmp_path / "run")
+    assert again["step"] == 4 and again["attention"] == "dense"
+    assert again["metric"] == final["metric"] and again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    routed = training.evaluate_run(tmp_path / "run", attention="global-top2")
+    assert routed["attention"] == "global-top2" and len(routed["routed_to_key_block"]) == 2
+    assert routed["val_loss"] != final["val_loss"]  # the same weights, another attention
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "{tmp}/nothing"], "holds no checkpoint"),
+        (["evaluate", "{run}", "--attention", "global-own"], "bidirectional only"),
+        (["evaluate", "{run}", "--attention", "nonsense"], "attention"),
+    ],
+)
+def test_cli_evaluate_refuses_bad_input_in_one_line(tmp_path, args, message, capsys):
+    run = tmp_path / "run"
+    train(tiny(steps=2, eval_every=2), out=run)
+    capsys.readouterr()
+    assert main([a.format(tmp=tmp_path, run=run) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("globalattn: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_evaluate_prints_the_evaluation_as_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    final = train(tiny(steps=2, eval_every=2), out=run)["final"]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--attention", "local"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["attention"] == "local" and printed["step"] == 2 and printed["metric"] != final["metric"]

@@ -65,20 +65,21 @@ def save(out: Path, model, optimizer, summary: dict, rank: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def latest(out: Path) -> tuple[int, Path] | None:
-    """(step, folder) of the checkpoint that latest.json names, checked; None when there is none."""
+def latest(out: Path, action: str = "resume from") -> tuple[int, Path] | None:
+    """(step, folder) of the checkpoint that latest.json names, checked; None when there is none.
+    ``action`` names what a refusal could not do ("cannot resume from ...")."""
     root = out / CHECKPOINTS
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    named = _read_json(pointer)
+    named = _read_json(pointer, action)
     named = named if isinstance(named, dict) else {}
     step, name = named.get("step"), named.get("path")
-    checks.non_negative_int(f"cannot resume from {pointer}: its step", step)
+    checks.non_negative_int(f"cannot {action} {pointer}: its step", step)
     # The folder its step names, inside checkpoints/: any other path could load another run's state.
     expected = _folder_name(step)
     if name != expected or not (root / name).is_dir():
-        raise ValueError(f"cannot resume from {pointer}: it must name the folder {expected} in {root}, got {name!r}")
+        raise ValueError(f"cannot {action} {pointer}: it must name the folder {expected} in {root}, got {name!r}")
     return step, root / name
 
 
@@ -130,6 +131,25 @@ def load(step: int, path: Path, model, optimizer, summary: dict) -> dict:
     return {**saved, "world_size": summary["world_size"], "device": summary["device"]}
 
 
+def saved_config(path: Path, action: str) -> TrainConfig:
+    """The config the checkpoint folder ``path`` (from ``latest``) was trained with."""
+    state = _read_json(path / "state.json", action)
+    try:
+        saved = dict(state["summary"]["config"])
+        model = saved.pop("model")
+        return TrainConfig(model=ModelConfig(**model), **saved)
+    except (KeyError, TypeError) as bad:
+        raise ValueError(f"cannot {action} {path / 'state.json'}: its config is not this version's ({bad})") from None
+
+
+def load_weights(path: Path, model, action: str) -> None:
+    """The weights alone of the checkpoint folder ``path`` into ``model``, every tensor checked first."""
+    weights = _read_tensors(path / "model.safetensors", action)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    _check_tensors(path / "model.safetensors", weights, expected, action)
+    model.load_state_dict(weights)
+
+
 def write_json_atomically(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
@@ -169,39 +189,39 @@ def _settings(config) -> dict:
     return {**{k: v for k, v in config.items() if k != "model"}, **{f"model.{k}": v for k, v in model.items()}}
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, action: str = "resume from"):
     try:
         return json.loads(path.read_text())
     except OSError as failed:
-        raise ValueError(f"cannot resume from {path}: {failed.strerror or failed}") from None
+        raise ValueError(f"cannot {action} {path}: {failed.strerror or failed}") from None
     except json.JSONDecodeError as bad:
-        raise ValueError(f"cannot resume from {path}: not valid JSON ({bad})") from None
+        raise ValueError(f"cannot {action} {path}: not valid JSON ({bad})") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, action: str = "resume from") -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(path)
     except OSError as failed:
-        raise ValueError(f"cannot resume from {path}: {failed.strerror or failed}") from None
+        raise ValueError(f"cannot {action} {path}: {failed.strerror or failed}") from None
     except SafetensorError as bad:
-        raise ValueError(f"cannot resume from {path}: not a whole safetensors file ({bad})") from None
+        raise ValueError(f"cannot {action} {path}: not a whole safetensors file ({bad})") from None
 
 
-def _check_tensors(path: Path, tensors: dict, shapes: dict) -> None:
+def _check_tensors(path: Path, tensors: dict, shapes: dict, action: str = "resume from") -> None:
     """Every expected tensor present with its shape, and no other."""
     for name, shape in shapes.items():
         if name not in tensors:
-            raise ValueError(f"cannot resume from {path}: tensor {name!r} is missing")
+            raise ValueError(f"cannot {action} {path}: tensor {name!r} is missing")
         if tensors[name].shape != shape:
             raise ValueError(
-                f"cannot resume from {path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                f"cannot {action} {path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                 f"the model's is {tuple(shape)}"
             )
     if unknown := sorted(tensors.keys() - shapes.keys()):
-        raise ValueError(f"cannot resume from {path}: unknown tensors {unknown[:3]}")
+        raise ValueError(f"cannot {action} {path}: unknown tensors {unknown[:3]}")
 
 
 def _encode(t: torch.Tensor) -> str:

@@ -268,6 +268,25 @@ def evaluate(model, task: Task, config: TrainConfig, device, share: _Share | Non
     return result | routing
 
 
+def evaluate_run(out: str | Path, *, attention: str | None = None, device: str = "cpu") -> dict:
+    """``evaluate`` on the last checkpoint of the run in ``out``, on the validation sequences its
+    training saw, under its own attention or, with the same weights, ``attention`` (say a dense-trained
+    model routed to its top blocks: whether its queries and keys would let a router find the right
+    block).  Returns the step, the attention and the evaluation."""
+    found = checkpoint.latest(Path(out), action="evaluate")
+    if found is None:
+        raise ValueError(f"{out} holds no checkpoint: give the --out folder of a run of globalattn train or compare")
+    step, path = found
+    config = checkpoint.saved_config(path, "evaluate")
+    if attention is not None:
+        config = dataclasses.replace(config, model=config.model.replace(attention=attention))
+    task = make_task(config.task, config.model.context, config.seed, pack=config.pack, **config.task_options)
+    model = build_model(config.model.for_task(task))
+    checkpoint.load_weights(path, model, "evaluate")
+    model.to(device)
+    return {"step": step, "attention": config.model.attention, **evaluate(model, task, config, torch.device(device))}
+
+
 # Validation sequences whose attention weights are looked at for the routing's hit rate: the weights
 # are dense (B, H, T, T + G) float64 per layer, so few rows.
 ROUTING_PROBE_ROWS = 16
