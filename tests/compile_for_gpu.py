@@ -99,21 +99,22 @@ def compile_shape(name: str) -> list[dict]:
     key_mask = torch.rand(batch, seq_len) > 0.1 if options.get("mask") else None
     static = (block_size, remainder, causal, options.get("scope_own", False), window, head_dim**-0.5)
 
-    if dtype == torch.float32:
-        torch.set_float32_matmul_precision("high")  # TF32: the backend refuses float32 in full precision on a GPU
+    # TF32 for float32: the backend refuses float32 in full precision on a GPU
+    torch.set_float32_matmul_precision("high" if dtype == torch.float32 else "highest")
     recorder = _Recorder()
     triton.knobs.nvidia.dump_ptxas_log = True  # registers and spills: its "-v" report
-    triton.knobs.cache.dir = tempfile.mkdtemp()  # compile every time: a cached kernel prints no report
     Autotuner.run = lambda tuner, *a, **kw: recorder.autotuned(tuner, *a, **kw)
     JITFunction.run = lambda fn, *a, **kw: recorder.plain(fn, *a, **kw)
-    out, lse, key_global, value_global = kernels._forward_op(q, k, v, key_mask, *static)
-    kernels._backward_op(torch.randn_like(out), torch.randn_like(lse), q, k, v, key_mask, out, lse, key_global,
-                         value_global, *static)  # fmt: skip
+    with tempfile.TemporaryDirectory() as cache:
+        triton.knobs.cache.dir = cache  # compile every time: a cached kernel prints no report
+        out, lse, key_global, value_global = kernels._forward_op(q, k, v, key_mask, *static)
+        kernels._backward_op(torch.randn_like(out), torch.randn_like(lse), q, k, v, key_mask, out, lse, key_global,
+                             value_global, *static)  # fmt: skip
     return [{"shape": name, **record} for record in recorder.records]
 
 
 def main() -> None:
-    # Each shape in its own process: the interception replaces Triton's launchers there only.
+    # In worker processes: the interception replaces Triton's launchers there only.
     with ProcessPoolExecutor(max_workers=min(len(SHAPES), 2)) as pool:
         for records in pool.map(compile_shape, SHAPES):
             for record in records:
