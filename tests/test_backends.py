@@ -159,12 +159,12 @@ def test_many_chunks_give_the_same_result(case, monkeypatch):
         return (out, lse, *grads_of((out, lse), (q, k, v), upstream))
 
     def counting(*args, **kwargs):
-        chunks = plan(*args, **kwargs)
-        chunk_counts.append(len(chunks))
-        return chunks
+        options = plan(*args, **kwargs)
+        chunk_counts.append(len(options.chunks))
+        return options
 
-    plan = blocked._plan_chunks
-    monkeypatch.setattr(blocked, "_plan_chunks", counting)
+    plan = blocked._plan
+    monkeypatch.setattr(blocked, "_plan", counting)
     whole = forward_backward()
     monkeypatch.setattr(blocked, "CHUNK_ELEMENTS", 1)
     chunked = forward_backward()

@@ -220,8 +220,15 @@ def select_top_blocks(
     Returns ``blocks`` (..., min(k, G)) int64 and ``chosen`` (..., min(k, G)) bool (False where
     the slot holds no candidate).
     """
-    ranked = global_scores.detach().masked_fill(~candidate, float("-inf"))
-    blocks = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :k]  # stable: ties to lower j
+    # The lowest finite value where a block is no candidate (an addition of -inf, then a clamp:
+    # both broadcast much faster than masked_fill), so that a taken block, set to -inf, ranks below it.
+    minus_inf = torch.where(candidate, 0.0, float("-inf")).to(global_scores.dtype)
+    ranked = (global_scores.detach() + minus_inf).clamp_(min=torch.finfo(global_scores.dtype).min)
+    blocks = torch.zeros((*ranked.shape[:-1], min(k, ranked.shape[-1])), dtype=torch.long, device=ranked.device)
+    for slot in range(blocks.shape[-1]):  # k is small: k passes of argmax cost far less than a sort of all G
+        best = ranked.argmax(-1, keepdim=True)  # the first maximum: ties go to the lower block
+        blocks[..., slot : slot + 1] = best
+        ranked.scatter_(-1, best, float("-inf"))
     return blocks, candidate.expand_as(ranked).gather(-1, blocks)
 
 

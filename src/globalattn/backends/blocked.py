@@ -86,12 +86,16 @@ def _plan(
     top_blocks, dropout_p, num_extra, window,
 ):  # fmt: skip
     """The options and chunks of one call (forward and backward plan the same)."""
+    shape, device = tuple(query.shape[:3]), query.device
     if document_table is None:  # planned on the CPU
         starts, ends = spec.block_starts_and_ends(key.shape[2], block_size, remainder)
-        table = None
+        chunks = _chunks_of_layout(shape, key.shape[2], block_size, remainder, causal, scope, num_extra, window, device,
+                                   CHUNK_ELEMENTS)  # fmt: skip
     else:
         table = document_table.cpu()
         starts, ends = table[0], table[1]
+        chunks = _plan_chunks(shape, key.shape[2], starts, ends, causal, scope, num_extra, window, table, device,
+                              CHUNK_ELEMENTS)  # fmt: skip
     return _Options(
         causal=causal,
         scope=scope,
@@ -107,7 +111,7 @@ def _plan(
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
         block_document=None if document_table is None else document_table[2],
-        chunks=_plan_chunks(query, key.shape[2], starts, ends, causal, scope, num_extra, window, table),
+        chunks=chunks,
     )
 
 
@@ -148,10 +152,19 @@ class _Options:
     chunks: list[_Chunk]
 
 
-def _plan_chunks(query, seq_len, starts, ends, causal, scope, num_extra, window, documents):
-    """``documents``: None, or the (6, G) table of packed documents' blocks (their starts, ends, and
+@functools.lru_cache(maxsize=16)
+def _chunks_of_layout(shape, seq_len, block_size, remainder, causal, scope, num_extra, window, device, chunk_elements):
+    """The chunks of a call without packed documents, which depend on its sizes and options alone:
+    planned once per layout, not in every forward and backward (Python work of several ms)."""
+    starts, ends = spec.block_starts_and_ends(seq_len, block_size, remainder)
+    return _plan_chunks(shape, seq_len, starts, ends, causal, scope, num_extra, window, None, device, chunk_elements)
+
+
+def _plan_chunks(shape, seq_len, starts, ends, causal, scope, num_extra, window, documents, device, chunk_elements):
+    """The chunks of a call of query ``shape`` (B, Hq, L), each with about ``chunk_elements`` scores.
+    ``documents``: None, or the (6, G) table of packed documents' blocks (their starts, ends, and
     their documents' first and last blocks, first and one-past-last positions)."""
-    batch, q_heads, q_len, _ = query.shape
+    batch, q_heads, q_len = shape
     if batch * q_heads * q_len == 0:
         return []
     num_global = starts.numel()
@@ -170,14 +183,13 @@ def _plan_chunks(query, seq_len, starts, ends, causal, scope, num_extra, window,
     else:
         doc_blocks = documents[2], documents[3]
     q_width, k_width = int((ends - q_start)[blocks].max()), int((key_hi - key_lo)[blocks].max())
-    per_chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * q_width * (k_width + per_row)))
+    per_chunk = max(1, chunk_elements // (batch * q_heads * q_width * (k_width + per_row)))
     chunks = [
         _make_chunk(
             index, tile_blocks, q_start - offset, ends - offset, key_lo, key_hi, causal, scope, doc_blocks, num_extra
         )  # fmt: skip
         for index, tile_blocks in enumerate(blocks.split(per_chunk))
     ]
-    device = query.device
     return [_to_device(chunk, device) for chunk in chunks]
 
 
@@ -462,7 +474,7 @@ class _ChunkTiles:
         return seen
 
     def _global_seen(self, exclude_own=False):
-        """(B, n, 1, Gv): the global tokens each tile's queries may see (routing: not their own)."""
+        """(B or 1, n, 1, Gv): the global tokens each tile's queries may see (routing: not their own)."""
         chunk, options = self.chunk, self.options
         block = chunk.blocks[:, None]  # (n, 1)
         columns = torch.arange(options.present.shape[1], device=block.device)[chunk.global_cols]
@@ -472,13 +484,25 @@ class _ChunkTiles:
             seen = seen & (options.block_document[global_block] == options.block_document[block])
         if exclude_own:
             seen = seen & (global_block != block)
-        return (seen[None] & options.present[:, None, chunk.global_cols])[:, :, None, :]
+        present = options.present[:, chunk.global_cols]
+        present = present[:1] if bool(present.all()) else present  # one row for the batch when it can be
+        return (seen[None] & present[:, None])[:, :, None, :]
 
-    def _hide_unseen_(self, scores, seen):
-        """-inf, in place, where a row may not look: scores (B, Hkv, n, g*Qm, C), seen (B|1, n, Qm|1, C)."""
-        if not bool(seen.all()):
-            tile = scores.view(*scores.shape[:3], self.group, self.q_width, scores.shape[-1])
-            tile.masked_fill_(~seen[:, None, :, None], float("-inf"))
+    def _hide_unseen_(self, scores):
+        """-inf, in place, where a row may not look: scores (B, Hkv, n, g*Qm, Km + Gv).
+
+        Who sees what is the same for every head: it is built once per chunk as an additive mask
+        (0 or -inf) of one head's size and added to the scores, which runs about 10x faster here
+        than a ``masked_fill_`` broadcast over the heads.
+        """
+        local, tokens = self._local_seen(), self._global_seen()  # (B|1, n, Qm, Km), (B|1, n, 1, Gv)
+        if bool(local.all()) and bool(tokens.all()):
+            return
+        shape = (max(local.shape[0], tokens.shape[0]), self.n, self.q_width, scores.shape[-1])
+        mask = torch.zeros(shape, dtype=scores.dtype, device=scores.device)
+        mask[..., : self.k_width].masked_fill_(~local, float("-inf"))
+        mask[..., self.k_width :].masked_fill_(~tokens, float("-inf"))
+        scores.view(*scores.shape[:3], self.group, self.q_width, -1).add_(mask[:, None, :, None])
 
     def top_blocks(self):
         """Each row's routed blocks (``top_blocks``), from its unmasked global scores.
@@ -502,8 +526,7 @@ class _ChunkTiles:
         rows by the sum instead of every weight.  Routing reads the scores before this masks them.
         """
         scores = self.scores
-        self._hide_unseen_(scores[..., : self.k_width], self._local_seen())
-        self._hide_unseen_(scores[..., self.k_width :], self._global_seen())
+        self._hide_unseen_(scores)
         if lse is not None:
             return scores.sub_(spec.finite_or_zero(lse)[..., None] * LOG2_E).exp2_()
         row_max = spec.finite_or_zero(scores.amax(-1, keepdim=True))
@@ -531,6 +554,11 @@ class _ChunkTiles:
     def add_value_grads(self, weights, d_out, grad_value, grad_value_global):
         """Backward through out = weights [V ; Vg]: adds dV and dVg."""
         self._add_key_and_global_grads(grad_value, grad_value_global, weights.transpose(-1, -2) @ d_out)
+
+
+def _additive_mask(seen, dtype):
+    """0 where ``seen``, -inf where not: added to scores, it hides what a row may not see."""
+    return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
 
 
 def _dropout_scale(options, index, shape, device, dtype):
@@ -619,13 +647,16 @@ class _Routes:
         key_rows = (tile_batch * self.kv_heads + self.tile_kv_head[tiles, None]) * self.seq_len + pos
         tile_key, tile_value = (_select_rows(x, key_rows).to(self.dtype) for x in (key, value))  # (n, Lk, D|Dv)
         scores = (scaled_query * LOG2_E) @ tile_key.transpose(-1, -2)  # (n, T, Lk), log2 units
-        seen = self.tile_real[tiles, :, None] & key_real[:, None, :]
-        if options.key_mask is not None:
-            seen = seen & options.key_mask[tile_batch, pos][:, None, :]
+        # -inf on padding slots, on keys that are padding or masked, and (with a window) on keys
+        # that are local to the row; the first two as additions broadcast over the tile.
+        key_seen = key_real if options.key_mask is None else key_real & options.key_mask[tile_batch, pos]
+        for seen in (key_seen[:, None, :], self.tile_real[tiles, :, None]):
+            if not bool(seen.all()):
+                scores.add_(_additive_mask(seen, self.dtype))
         if options.window is not None:
             query_pos = (query_rows % self.q_len + options.query_offset)[..., None]
-            seen = seen & ~spec.in_window(query_pos, pos[:, None, :], options.causal, options.window)
-        scores.masked_fill_(~seen, float("-inf"))
+            local = spec.in_window(query_pos, pos[:, None, :], options.causal, options.window)
+            scores.masked_fill_(local, float("-inf"))
         return _RoutedTiles(
             pairs=pairs,
             real=self.tile_real[tiles],
