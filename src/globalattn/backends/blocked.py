@@ -510,7 +510,7 @@ class _ChunkTiles:
         Returns ``blocks`` and ``chosen`` (B, Hkv, n, g*Qm, k), k = min(top_blocks, Gv); the block
         indices count from 0 (routing is never used with extra tokens).
         """
-        candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B, 1, n, 1, 1, Gv)
+        candidate = self._global_seen(exclude_own=True)[:, None, :, None]  # (B or 1, 1, n, 1, 1, Gv)
         global_scores = self.scores[..., self.k_width :]
         scores = global_scores.view(*global_scores.shape[:3], self.group, self.q_width, -1)
         blocks, chosen = spec.select_top_blocks(scores, candidate, self.options.top_blocks)  # (B, Hkv, n, g, Qm, k)
