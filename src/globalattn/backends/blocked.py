@@ -106,7 +106,7 @@ def _plan(
         seed=0 if seed is None else int(seed),
         query_offset=key.shape[2] - query.shape[2],
         key_mask=key_mask,
-        present=present,
+        present=present[:1] if bool(present.all()) else present,  # one row for the batch when it can be
         num_extra=num_extra,
         block_starts=starts.to(query.device),
         block_ends=ends.to(query.device),
@@ -144,7 +144,7 @@ class _Options:
     seed: int  # dropout: chunk i draws from seed + i, in forward and again in backward
     query_offset: int  # query row i sits at position query_offset + i
     key_mask: torch.Tensor | None  # (B, S) bool
-    present: torch.Tensor  # (B, T + G) bool: the global token exists (its block has a real token)
+    present: torch.Tensor  # (B or 1, T + G) bool: the global token exists (its block has a real token)
     num_extra: int  # T: global columns 0 .. T-1 hold tokens from outside the call, column T + j block j
     block_starts: torch.Tensor  # (G,) first position of each block
     block_ends: torch.Tensor  # (G,) one past its last position
@@ -484,9 +484,7 @@ class _ChunkTiles:
             seen = seen & (options.block_document[global_block] == options.block_document[block])
         if exclude_own:
             seen = seen & (global_block != block)
-        present = options.present[:, chunk.global_cols]
-        present = present[:1] if bool(present.all()) else present  # one row for the batch when it can be
-        return (seen[None] & present[:, None])[:, :, None, :]
+        return (seen[None] & options.present[:, None, chunk.global_cols])[:, :, None, :]
 
     def _hide_unseen_(self, scores):
         """-inf, in place, where a row may not look: scores (B, Hkv, n, g*Qm, Km + Gv).
