@@ -31,6 +31,9 @@ from conftest import (
 from globalattn import backends, explain_backend, global_attention, options
 
 triton_backend = pytest.importorskip("globalattn.backends.triton")
+# Without a GPU the kernels run on CPU tensors under the interpreter (conftest sets it); on a GPU the
+# tests that pass CPU tensors would only meet the backend's refusal, and the gpu tests run them compiled.
+ON_CPU = pytest.mark.skipif(not triton_backend.INTERPRETED, reason="runs the kernels on CPU tensors, interpreted")
 
 # Several tiles of queries, keys and global tokens at the interpreter's 16 x 16 tiles, global
 # tokens' gradients summed over slices of rows, and blocks both shorter and longer than a tile.
@@ -51,6 +54,24 @@ WINDOWS = [
     Case(B=1, Hq=2, Hkv=1, L=70, S=70, D=16, b=9, remainder="separate", mask="random", window=16),  # w = tile
     Case(B=1, Hq=2, Hkv=2, L=70, S=70, D=16, b=10, mask="random", window=70),  # w = S: every key
     Case(B=1, Hq=2, Hkv=2, L=60, S=70, D=16, b=10, causal=True, window=100),  # w > S: every earlier key
+]
+# Tiles that every row of a query (or row) tile sees skip the per-pair test: global tokens beyond
+# two of the interpreter's 16-wide tiles (bidirectionally all but the last tile, causally those
+# before the tile's first block), raw keys of blocks longer than a tile and the middle of a wide
+# window; the rest take it (the merged tail block, the causal diagonal, any key mask).
+INTERIOR_TILES = [
+    Case(B=1, Hq=4, Hkv=2, L=150, S=150, D=16, b=4),  # 37 global tokens: two tiles without the test
+    Case(B=1, Hq=2, Hkv=1, L=150, S=150, D=16, b=4, causal=True),  # rows of blocks 16 on skip it
+    Case(B=1, Hq=2, Hkv=1, L=300, S=300, D=16, b=17, causal=True),  # a tile starting in block 15
+    Case(B=2, Hq=2, Hkv=2, L=100, S=150, D=16, b=4, causal=True, window=6),  # L < S
+    Case(B=1, Hq=2, Hkv=1, L=150, S=150, D=16, b=4, mask="block"),  # padding: every tile takes the test
+    Case(B=1, Hq=4, Hkv=2, L=100, S=100, D=16, b=32),  # key tiles inside a block; a merged tail
+    Case(B=1, Hq=2, Hkv=1, L=100, S=100, D=16, b=32, causal=True),  # key tiles before the rows
+    Case(B=1, Hq=2, Hkv=1, L=90, S=100, D=16, b=32, window=40),  # inside the window, L < S
+    Case(B=1, Hq=2, Hkv=1, L=100, S=100, D=16, b=8, causal=True, window=40),
+    # the last query tile (rows 96, 97) starts its keys at 97 - w: just outside row 97's window
+    Case(B=1, Hq=2, Hkv=1, L=98, S=98, D=16, b=8, window=20),
+    Case(B=1, Hq=2, Hkv=1, L=98, S=98, D=16, b=8, causal=True, window=20),
 ]
 
 
@@ -82,6 +103,7 @@ def test_kernels_compile_for_hopper():
     assert not too_big, too_big
 
 
+@ON_CPU
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -106,6 +128,7 @@ def run(case, q, k, v, key_mask, upstream):
     return (out, lse, *grads_of((out, lse), (q, k, v), upstream))
 
 
+@ON_CPU
 @pytest.mark.parametrize("case", case_params(LONG))
 def test_many_tiles_match_the_torch_backend(case):
     q, k, v, key_mask = case.inputs(torch.float32, requires_grad=True)
@@ -116,9 +139,10 @@ def test_many_tiles_match_the_torch_backend(case):
         assert_max_error(got, exact, 2e-5 * max(1.0, exact.abs().max().item()), name)
 
 
+@ON_CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("case", case_params(WINDOWS))
-def test_windows_over_many_tiles_match_the_oracle(case, dtype):
+@pytest.mark.parametrize("case", case_params(WINDOWS + INTERIOR_TILES))
+def test_tile_edges_match_the_oracle(case, dtype):
     q, k, v, key_mask = case.inputs(dtype, requires_grad=True)
     out, lse = case.attend("triton", q, k, v, key_mask, return_lse=True)
     ref = case.oracle(q, k, v, key_mask)
@@ -127,6 +151,7 @@ def test_windows_over_many_tiles_match_the_oracle(case, dtype):
     assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
 
 
+@ON_CPU
 def test_deterministic():
     """No atomics: the same call twice gives the same bits, gradients included."""
     case = LONG[0]
@@ -136,6 +161,7 @@ def test_deterministic():
         assert torch.equal(first, second)
 
 
+@ON_CPU
 def test_strided_inputs():
     """Queries in the (B, S, H, D) layout of a projection, viewed as (B, H, S, D)."""
     case = SEED.replace(D=16, mask="random")
@@ -165,6 +191,7 @@ def layout_inputs(layout: str, dtype):
     return case, *(x.requires_grad_() for x in (q, k, v)), key_mask
 
 
+@ON_CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_user_layouts_match_the_oracle(layout, dtype):
@@ -179,6 +206,7 @@ def test_user_layouts_match_the_oracle(layout, dtype):
     assert_gradients_match_dense_float64(case, (q, k, v), key_mask, out, lse)
 
 
+@ON_CPU
 def test_expanded_key_gradient_sums_over_heads():
     """A key broadcast over heads gets the sum of its heads' gradients (autograd's expand)."""
     case = LAYOUT_CASE
@@ -193,6 +221,7 @@ def test_expanded_key_gradient_sums_over_heads():
     assert_max_error(got, expected, GRAD_RTOL[torch.float32] * max(1.0, expected.abs().max().item()), "dk")
 
 
+@ON_CPU
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 @pytest.mark.parametrize("empty", ["B", "Hq"])
 def test_empty_batch_or_heads(backend, empty):
@@ -202,6 +231,7 @@ def test_empty_batch_or_heads(backend, empty):
     assert out.shape == (batch, q_heads, 7, 16) and lse.shape == (batch, q_heads, 7)
 
 
+@ON_CPU
 def test_compiles_as_one_graph():
     """The kernels are custom ops: torch.compile traces through forward and backward without a break."""
     case = SEED.replace(D=16, causal=True)

@@ -6,7 +6,12 @@ they belong to or, with ``window=w``, the raw positions within w of them), then 
 tokens, read from the small pooled tensors (never concatenated with K).  It stores the output and
 each row's log-sum-exp.  A tile may hold rows of several blocks (b < BLOCK_M) or part of one
 block; either way it visits the key range its rows' blocks (or windows) span and the per-element
-visibility test of docs/semantics.md decides.
+visibility test of docs/semantics.md decides.  Only edge tiles take that test: a tile of keys or
+global tokens that every row of the tile sees (its block's keys bidirectionally, those before its
+first row causally, the middle of a window; all global tokens but the last tile's, causally those
+of the blocks before its first row; none with a key mask) skips it.  The backward tests every tile:
+skipping there raised its kernels' registers (dKg, dVg at bf16, D = 128: 128 -> 188, half as many
+programs per SM), a trade to measure on a GPU first.
 
 Backward recomputes the probabilities from the stored lse, as flash-attention does, in three
 kernels that write disjoint outputs (no atomics, so the result is deterministic):
@@ -220,6 +225,45 @@ def _global_range(first_block, last_block, num_blocks, CAUSAL: tl.constexpr, SCO
 
 
 @triton.jit
+def _local_edge(first_pos, last_pos, first_key, last_key, key_end, block_size, num_blocks, window,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, TEST_ALL: tl.constexpr):  # fmt: skip
+    """Whether a tile of query positions first_pos..last_pos and keys first_key..last_key (real up
+    to key_end) needs the per-pair test: unless every row sees every key.  TEST_ALL: every tile
+    does (with a key mask any key may be padding)."""
+    if TEST_ALL:
+        return True
+    else:
+        if HAS_WINDOW:
+            seen_by_all = first_key > last_pos - window
+            if CAUSAL:
+                seen_by_all = seen_by_all & (last_key <= first_pos)
+            else:
+                seen_by_all = seen_by_all & (last_key < first_pos + window)
+        else:  # one block holds all of them
+            block = _block_of(first_pos, block_size, num_blocks)
+            seen_by_all = (_block_of(last_pos, block_size, num_blocks) == block) & (
+                _block_of(first_key, block_size, num_blocks) == block) & (
+                _block_of(last_key, block_size, num_blocks) == block)  # fmt: skip
+            if CAUSAL:
+                seen_by_all = seen_by_all & (last_key <= first_pos)
+        return (last_key >= key_end) | ~seen_by_all
+
+
+@triton.jit
+def _global_edge(first_key, first_block, num_blocks, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 SCOPE_OWN: tl.constexpr, TEST_ALL: tl.constexpr):  # fmt: skip
+    """Whether the global tokens first_key .. first_key + BLOCK_N - 1 need the per-pair test for a
+    tile of rows whose first lies in block first_block: unless every row sees every one of them.
+    TEST_ALL: every tile does (with a key mask a block may lack a global token)."""
+    if TEST_ALL or SCOPE_OWN:  # with scope="own" a row sees its own block's alone
+        return True
+    elif CAUSAL:  # every row sees the complete blocks before the first row's
+        return first_key + BLOCK_N > first_block
+    else:
+        return first_key + BLOCK_N > num_blocks
+
+
+@triton.jit
 def _tile_and_rest(num_tiles):
     """This program's tile and the index of what it repeats over (batch and head, ...), from a
     one-dimensional grid: CUDA caps the grid's second and third dimensions at 65535, which B * H
@@ -244,10 +288,15 @@ def _load_keys(K, V, key_pos, key_ok, stride_k, stride_v, dims, dim_ok, value_di
 
 
 @triton.jit
-def _online_softmax_step(q, k, values, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
-    """Fold a tile of keys (their scores, in log2 units, where ``seen``) and its values into the
-    running max, sum and output.  A row that has seen nothing yet keeps m = -inf and adds nothing."""
-    scores = tl.where(seen, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2, float("-inf"))
+def _scores(q, k, scale_log2, DOT_PRECISION: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile of scores in log2 units."""
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+
+
+@triton.jit
+def _online_softmax_step(scores, values, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold a tile of scores (-inf where unseen) and its values into the running max, sum and
+    output.  A row that has seen nothing yet keeps m = -inf and adds nothing."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(scores - shift[:, None])
@@ -258,10 +307,10 @@ def _online_softmax_step(q, k, values, seen, m_i, l_i, acc, scale_log2, DOT_PREC
 
 
 @triton.jit
-def _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION: tl.constexpr):
-    """A (BLOCK_M, BLOCK_N) tile's probabilities P, recomputed from lse, and dS = P * (dP - delta)."""
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    p = tl.math.exp2(tl.where(seen, scores - lse2[:, None], float("-inf")))
+def _probs_and_score_grads(scores, v, do, lse2, delta, DOT_PRECISION: tl.constexpr):
+    """A tile's probabilities P, recomputed from its scores (-inf where unseen) and lse, and
+    dS = P * (dP - delta)."""
+    p = tl.math.exp2(scores - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     return p, p * (dp - delta[:, None])
 
@@ -322,30 +371,37 @@ def _query_tile_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k, v = _load_keys(K, V, cols, col_ok, stride_ks, stride_vs, dims, dim_ok, value_dims, value_dim_ok)
-        seen = _local_seen(pos[:, None], cols[None, :], block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
-        seen = seen & col_ok[None, :]
-        if HAS_MASK:
-            seen = seen & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)[None, :]
+        scores = _scores(q, k, scale_log2, DOT_PRECISION)
+        if _local_edge(first_pos, last_pos, start, start + BLOCK_N - 1, hi, block_size, num_blocks, window, CAUSAL,
+                       HAS_WINDOW, HAS_MASK | BACKWARD):  # fmt: skip
+            seen = _local_seen(pos[:, None], cols[None, :], block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
+            seen = seen & col_ok[None, :]
+            if HAS_MASK:
+                seen = seen & (tl.load(KEEP + b * seq_len + cols, mask=col_ok, other=0) != 0)[None, :]
+            scores = tl.where(seen, scores, float("-inf"))
         if BACKWARD:
-            p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            p, ds = _probs_and_score_grads(scores, v, do, lse2, delta, DOT_PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         else:
-            m_i, l_i, acc = _online_softmax_step(q, k, v, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
     first_block = _block_of(first_pos, block_size, num_blocks)
     g_lo, g_hi = _global_range(first_block, _block_of(last_pos, block_size, num_blocks), num_blocks, CAUSAL, SCOPE_OWN)
     for start in range(g_lo, g_hi, BLOCK_N):
         blocks = start + tl.arange(0, BLOCK_N)
         block_ok = blocks < g_hi
-        if HAS_MASK:  # without padding every block has a global token
-            block_ok = block_ok & (tl.load(PRESENT + b * num_blocks + blocks, mask=block_ok, other=0) != 0)
         kg, vg = _load_keys(KG, VG, blocks, block_ok, stride_gg, stride_wg, dims, dim_ok, value_dims, value_dim_ok)
-        seen = _global_seen(query_block[:, None], blocks[None, :], CAUSAL, SCOPE_OWN) & block_ok[None, :]
+        scores = _scores(q, kg, scale_log2, DOT_PRECISION)
+        if _global_edge(start, first_block, num_blocks, BLOCK_N, CAUSAL, SCOPE_OWN, HAS_MASK | BACKWARD):
+            if HAS_MASK:  # without padding every block has a global token
+                block_ok = block_ok & (tl.load(PRESENT + b * num_blocks + blocks, mask=block_ok, other=0) != 0)
+            seen = _global_seen(query_block[:, None], blocks[None, :], CAUSAL, SCOPE_OWN) & block_ok[None, :]
+            scores = tl.where(seen, scores, float("-inf"))
         if BACKWARD:
-            p, ds = _probs_and_score_grads(q, kg, vg, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            p, ds = _probs_and_score_grads(scores, vg, do, lse2, delta, DOT_PRECISION)
             dq += tl.dot(ds.to(kg.dtype), kg, input_precision=DOT_PRECISION)
         else:
-            m_i, l_i, acc = _online_softmax_step(q, kg, vg, seen, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+            m_i, l_i, acc = _online_softmax_step(scores, vg, m_i, l_i, acc, DOT_PRECISION)
 
     if BACKWARD:
         OUT += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -432,7 +488,8 @@ def _key_tile_grads(
             else:
                 seen = _local_seen(pos[:, None], key_index[None, :], block_size, num_blocks, window, CAUSAL, HAS_WINDOW)
             seen = seen & row_ok[:, None] & key_ok[None, :]
-            p, ds = _probs_and_score_grads(q, k, v, do, seen, lse2, delta, scale_log2, DOT_PRECISION)
+            scores = tl.where(seen, _scores(q, k, scale_log2, DOT_PRECISION), float("-inf"))
+            p, ds = _probs_and_score_grads(scores, v, do, lse2, delta, DOT_PRECISION)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
         Q += stride_qh
