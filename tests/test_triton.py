@@ -55,10 +55,11 @@ WINDOWS = [
     Case(B=1, Hq=2, Hkv=2, L=70, S=70, D=16, b=10, mask="random", window=70),  # w = S: every key
     Case(B=1, Hq=2, Hkv=2, L=60, S=70, D=16, b=10, causal=True, window=100),  # w > S: every earlier key
 ]
-# Tiles that every row of a query (or row) tile sees skip the per-pair test: global tokens beyond
-# two of the interpreter's 16-wide tiles (bidirectionally all but the last tile, causally those
-# before the tile's first block), raw keys of blocks longer than a tile and the middle of a wide
-# window; the rest take it (the merged tail block, the causal diagonal, any key mask).
+# In the forward, tiles that every row of a query tile sees skip the per-pair test: global tokens
+# beyond two of the interpreter's 16-wide tiles (bidirectionally all but the last tile, causally
+# those before the tile's first block), raw keys of blocks longer than a tile and the middle of a
+# wide window; the rest take it (the merged tail block, the causal diagonal, any key mask).  The
+# backward tests every tile, so its gradients check the forward's lse too.
 INTERIOR_TILES = [
     Case(B=1, Hq=4, Hkv=2, L=150, S=150, D=16, b=4),  # 37 global tokens: two tiles without the test
     Case(B=1, Hq=2, Hkv=1, L=150, S=150, D=16, b=4, causal=True),  # rows of blocks 16 on skip it
